@@ -1,0 +1,1 @@
+"""Adversarial-training engine: data -> step (model, attack, method, soft labels) -> trainer -> writers."""

@@ -1,0 +1,285 @@
+"""Every config field, declared once as fastargs Sections, and a strict loader in front of fastargs.
+
+fastargs 1.2.0 has traps that must never reach a user: a failed validation exits with code 0, `--x False`
+sets True, unknown YAML keys are silently ignored and environment variables beat the command line. So we
+read YAML and the command line ourselves, reject unknown keys (with close matches), convert each value with a
+strict checker, and only then hand the values to a fresh fastargs `Config` (never the environment) for
+validation. Priority: defaults < YAML files (in order) < command line.
+"""
+import difflib
+import json
+import math
+
+import yaml
+from fastargs import Config, Param, Section
+from fastargs.validation import Checker
+
+from engine.errors import ConfigError
+
+DATASETS = ('cifar10', 'cifar100', 'fashion-mnist', 'synthetic')
+ARCHS = ('resnet18', 'preact_resnet18', 'wrn34_10', 'small_cnn')
+METHODS = ('ce', 'at', 'trades', 'sgls', 'sgls_trades')
+
+
+class Strict(Checker):
+    """int / float / bool / str that refuse what Python's casts would silently accept (1.5 -> 1, 'False' -> True)."""
+
+    TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+    def __init__(self, kind, choices=None, low=None, high=None):
+        self.kind, self.choices, self.low, self.high = kind, choices, low, high
+
+    def check(self, value):
+        value = self._convert(value)
+        if self.choices is not None and value not in self.choices:
+            raise ValueError
+        if self.low is not None and value < self.low or self.high is not None and value > self.high:
+            raise ValueError
+        return value
+
+    def _convert(self, v):
+        if self.kind is bool:
+            if isinstance(v, bool):
+                return v
+            if isinstance(v, str) and v.strip().lower() in self.TRUE + self.FALSE:
+                return v.strip().lower() in self.TRUE
+            raise ValueError
+        if isinstance(v, bool):
+            raise ValueError
+        if self.kind is int:
+            if isinstance(v, int):
+                return v
+            if isinstance(v, str):
+                return int(v.strip())
+            raise ValueError
+        if self.kind is float:
+            out = float(v) if isinstance(v, (int, float, str)) else None
+            if out is None or not math.isfinite(out):
+                raise ValueError
+            return out
+        if not isinstance(v, (str, int, float)):
+            raise ValueError
+        return str(v)
+
+    def help(self):
+        text = {bool: 'true/false', int: 'an int', float: 'a float', str: 'a string'}[self.kind]
+        if self.choices is not None:
+            text = 'one of ' + ', '.join(map(str, self.choices))
+        if self.low is not None or self.high is not None:
+            text += f" in [{'' if self.low is None else self.low}, {'' if self.high is None else self.high}]"
+        return text
+
+
+def P(kind, default, desc, **limits):
+    return Param(Strict(kind, **limits), desc, default=default)
+
+
+def declare(config):
+    """The schema: one Section per part of the engine. Defaults reproduce the official SGLS code (CIFAR-10)."""
+    def section(name, desc):
+        return Section(name, desc, config_descriptor=config)
+
+    section('data', 'Dataset, .beton files and loader').params(
+        dataset=P(str, 'cifar10', 'which dataset', choices=DATASETS),
+        dir=P(str, 'data', 'folder of the .beton files (convert writes there)'),
+        source=P(str, '', 'local source: CIFAR tarball or folder, Fashion-MNIST IDX folder ("" = default)'),
+        download=P(bool, False, 'allow a torchvision download when no local source is given'),
+        force=P(bool, False, 'convert: rewrite betons that already exist'),
+        loader=P(str, 'gpu', 'gpu: whole beton on the device; ffcv: FFCV Loader', choices=('gpu', 'ffcv')),
+        val_size=P(int, 1000, 'validation images held out of the training beton (Rice et al.: 1000)', low=0),
+        split_seed=P(int, 0, 'seed of the validation split; the same for every method and seed'),
+        train_limit=P(int, 0, 'train on only the first N training images (0 = all)', low=0),
+        augment=P(str, 'auto', 'auto = dataset default (CIFAR: crop+flip, Fashion-MNIST: none)',
+                  choices=('auto', 'crop_flip', 'crop', 'flip', 'none')),
+        crop_padding=P(int, 4, 'zero padding of the random crop', low=0),
+        num_workers=P(int, 2, 'ffcv loader workers', low=1),
+        synthetic_n_train=P(int, 5000, 'synthetic: training images', low=1),
+        synthetic_n_test=P(int, 1000, 'synthetic: test images', low=1),
+        synthetic_classes=P(int, 10, 'synthetic: classes', low=2),
+        synthetic_shape=P(str, '3,32,32', 'synthetic: C,H,W'),
+        synthetic_seed=P(int, 0, 'synthetic: generator seed'),
+    )
+    section('model', 'Network').params(
+        arch=P(str, 'resnet18', 'architecture', choices=ARCHS),
+        width=P(int, 0, 'base width / widen factor (0 = the architecture default)', low=0),
+        normalize=P(bool, False, 'normalize inputs inside the model (off in the official code)'),
+        mean=P(str, '', 'per-channel mean for normalize, comma separated ("" = dataset statistics)'),
+        std=P(str, '', 'per-channel std for normalize, comma separated ("" = dataset statistics)'),
+    )
+    section('attack', 'Training attack (L-inf PGD); eps and step in units of 1/255').params(
+        eps=P(float, 8.0, 'L-inf radius, in 1/255', low=0.0),
+        step_size=P(float, 2.0, 'PGD step, in 1/255', low=0.0),
+        steps=P(int, 10, 'PGD steps', low=1),
+        bn_mode=P(str, 'eval', 'BatchNorm mode while attacking (official code: eval)', choices=('eval', 'train')),
+    )
+    section('method', 'Training objective').params(
+        name=P(str, 'at', 'ce | at (PGD-AT) | trades | sgls (on AT) | sgls_trades', choices=METHODS),
+        beta=P(float, 6.0, 'TRADES: weight of the KL term', low=0.0),
+        sgls_alpha=P(float, 0.9, 'SGLS: EMA momentum a of the soft labels', low=0.0, high=1.0),
+        sgls_lam=P(float, 0.2, 'SGLS: weight of the clean prediction in the EMA target', low=0.0, high=1.0),
+        sgls_start_epoch=P(int, 90, 'SGLS: first (1-based) epoch with soft labels; before it plain AT/TRADES',
+                           low=1),
+        sgls_r=P(float, 1.0, 'SGLS: target = r*t + (1-r)*onehot(y) (official code: r=1)', low=0.0, high=1.0),
+        sgls_temperature=P(float, 1.0, 'SGLS: temperature of the predictions fed to the EMA', low=1e-6),
+        label_noise=P(str, 'none', 'corrupt training labels by index', choices=('none', 'sym', 'asym')),
+        noise_rate=P(float, 0.0, 'fraction of training labels corrupted', low=0.0, high=1.0),
+        noise_seed=P(int, 0, 'seed of the label corruption'),
+    )
+    section('optimizer', 'SGD').params(
+        lr=P(float, 0.1, 'peak learning rate', low=0.0),
+        momentum=P(float, 0.9, 'momentum', low=0.0, high=1.0),
+        weight_decay=P(float, 5e-4, 'weight decay', low=0.0),
+        nesterov=P(bool, False, 'Nesterov momentum'),
+    )
+    section('schedule', 'Learning-rate schedule over epochs').params(
+        kind=P(str, 'piecewise', 'piecewise: x gamma at each milestone; cosine: to 0 at the end',
+               choices=('piecewise', 'cosine')),
+        milestones=P(str, '100,150', 'piecewise: 1-based epochs from which lr is multiplied by gamma'),
+        gamma=P(float, 0.1, 'piecewise: factor', low=0.0),
+    )
+    section('training', 'Run').params(
+        epochs=P(int, 200, 'epochs', low=1),
+        batch_size=P(int, 128, 'batch size (fixed: the last partial batch is dropped)', low=1),
+        seed=P(int, 0, 'seed of initialization, data order, augmentation and attack noise'),
+        device=P(str, 'auto', 'auto | cpu | cuda | cuda:N'),
+        resume=P(bool, False, 'continue the run in the output folder from its last checkpoint'),
+        stop_after=P(int, 0, 'stop after this many epochs in this invocation (0 = never); resume later', low=0),
+        progress=P(str, 'auto', 'progress bar: auto = only on a terminal', choices=('auto', 'on', 'off')),
+    )
+    section('evaluation', 'Evaluation during and after training').params(
+        every=P(int, 1, 'evaluate test and validation every N epochs (and always at the last)', low=1),
+        pgd_steps=P(int, 10, 'PGD steps of the per-epoch evaluation', low=1),
+        subset=P(int, 1000, 'test images evaluated each epoch (0 = all)', low=0),
+        final_n=P(int, 0, 'test images in the final table (0 = all)', low=0),
+        final_pgd_steps=P(int, 20, 'PGD steps in the final table', low=1),
+        cw_steps=P(int, 30, 'CW-inf steps in the final table (0 = skip)', low=0),
+        fgsm=P(bool, True, 'FGSM in the final table'),
+        autoattack=P(bool, True, 'AutoAttack (pyautoattack) in the final table'),
+        autoattack_n=P(int, 0, 'test images for AutoAttack (0 = final_n)', low=0),
+        autoattack_version=P(str, 'standard', 'AutoAttack version', choices=('standard', 'plus', 'rand')),
+        batch_size=P(int, 512, 'evaluation batch size', low=1),
+    )
+    section('output', 'Run folder').params(
+        dir=P(str, 'runs', 'parent folder of run folders'),
+        name=P(str, '', 'run folder name ("" = <dataset>-<arch>-<method>-s<seed>)'),
+        overwrite=P(bool, False, 'start afresh in an existing run folder'),
+    )
+
+
+SCHEMA = Config()
+declare(SCHEMA)
+KEYS = {'.'.join(path): param for path, param in SCHEMA.entries.items()}
+
+
+def _check_key(key, where):
+    if key not in KEYS:
+        close = difflib.get_close_matches(key, KEYS, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ' (run.py train --help lists every key)'
+        raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def read_yaml(path):
+    """A YAML file of sections -> {'section.key': value}, refusing unknown sections and keys."""
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read config file ({e.strerror})') from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{path}: not valid YAML: {e}') from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f'{path}: expected a mapping of sections (data:, model:, ...) at the top level')
+    values = {}
+    sections = sorted({k.split('.')[0] for k in KEYS})
+    for section, body in doc.items():
+        if section not in sections:
+            close = difflib.get_close_matches(str(section), sections, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else f" (sections: {', '.join(sections)})"
+            raise ConfigError(f"{path}: unknown section '{section}'{hint}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping of keys to values")
+        for key, value in body.items():
+            full = f'{section}.{key}'
+            _check_key(full, path)
+            values[full] = value
+    return values
+
+
+def read_cli(args):
+    """['--a.b=1', '--c.d', '2'] -> {'a.b': '1', 'c.d': '2'}; every value must be given explicitly."""
+    values, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith('--'):
+            raise ConfigError(f"command line: expected --section.key=value, got '{arg}'")
+        key, eq, value = arg[2:].partition('=')
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith('--'):
+                raise ConfigError(f"command line: '--{key}' needs a value (--{key}=VALUE)")
+            value, i = args[i + 1], i + 1
+        _check_key(key, 'command line')
+        values[key] = value
+        i += 1
+    return values
+
+
+def load(config_files=(), cli_args=(), base=None, overrides=None):
+    """Resolve defaults < base (a saved params.json) < files < command line < overrides into `cfg.section.key`."""
+    layers = [('saved params', dict(base or {}))] + [(path, read_yaml(path)) for path in config_files]
+    layers += [('command line', read_cli(list(cli_args))), ('overrides', dict(overrides or {}))]
+    for where, values in (layers[0], layers[-1]):
+        for key in values:
+            _check_key(key, where)
+    merged, origin = {}, {}
+    for where, values in layers:
+        for key, value in values.items():
+            try:
+                merged[key] = KEYS[key].checker.check(value)
+            except (ValueError, TypeError):
+                raise ConfigError(f"{where}: '{key}' must be {KEYS[key].checker.help()}, got {value!r}") from None
+            origin[key] = where
+    config = Config()  # fresh, never the environment
+    declare(config)
+    config.collect(dict(merged))
+    errors = config.validate(mode='errordict')
+    if errors:
+        keys = ['.'.join(p) for p in errors]
+        lines = [f"{origin.get(k, 'defaults')}: '{k}' must be {KEYS[k].checker.help()}" for k in keys]
+        raise ConfigError('\n'.join(lines))
+    cfg = config.get()
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg):
+    """Rules across fields, checked before any work is done."""
+    try:
+        shape = tuple(int(s) for s in cfg.data.synthetic_shape.split(','))
+        assert len(shape) == 3 and min(shape) > 0
+    except (ValueError, AssertionError):
+        raise ConfigError(f"'data.synthetic_shape' must be C,H,W (e.g. 3,32,32), got {cfg.data.synthetic_shape!r}")
+    try:
+        milestones = [int(m) for m in cfg.schedule.milestones.split(',') if m.strip()]
+    except ValueError:
+        raise ConfigError(f"'schedule.milestones' must be comma-separated epochs, got {cfg.schedule.milestones!r}")
+    if milestones != sorted(milestones):
+        raise ConfigError(f"'schedule.milestones' must be increasing, got {cfg.schedule.milestones!r}")
+    if cfg.method.label_noise != 'none' and cfg.method.noise_rate == 0:
+        raise ConfigError("'method.noise_rate' must be > 0 when 'method.label_noise' is set")
+
+
+def flat(cfg):
+    """cfg namespace -> {'section.key': value}, the form saved as params.json."""
+    return {key: getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1]) for key in KEYS}
+
+
+def help_text():
+    lines = []
+    for path, section in SCHEMA.sections.items():
+        lines.append(f'\n{path[0]}: {section.desc}')
+        for key, param in KEYS.items():
+            if key.split('.')[0] == path[0]:
+                lines.append(f'  --{key:<28} {json.dumps(param.default):<12} {param.desc} [{param.checker.help()}]')
+    return '\n'.join(lines)

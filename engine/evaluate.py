@@ -1,0 +1,126 @@
+"""Robust-accuracy evaluation (clean, FGSM, PGD, CW-inf, AutoAttack) and its Markdown report."""
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from engine import attacks as atk
+from engine.errors import ConfigError
+
+EVAL_ATTACKS = ('clean', 'fgsm', 'pgd', 'cw', 'autoattack')
+# Column order of the report; 'worst' = correct under every attack evaluated.
+TABLE_COLUMNS = EVAL_ATTACKS + ('worst',)
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 0) -> torch.Tensor:
+    """Per-example bool: the model's prediction equals y (batched when batch_size > 0)."""
+    with torch.no_grad():
+        if batch_size <= 0:
+            return model(x).argmax(dim=1) == y
+        return torch.cat([model(x[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]
+                          for i in range(0, x.shape[0], batch_size)])
+
+
+def evaluate(model: nn.Module, loader: Iterable, *, attacks: Iterable[str] = ('clean', 'pgd'), eps: float,
+             step_size: float, pgd_steps: int = 20, cw_steps: int = 30, max_examples: int = 0,
+             autoattack_version: str = 'standard', autoattack_batch: int = 256,
+             autoattack_attacks: tuple[str, ...] = ()) -> dict:
+    """Accuracy in percent under each asked attack, plus 'n' (examples) and 'worst' (per example: correct
+    under all of them, clean included when asked).
+
+    loader yields (images in [0, 1] NCHW, labels, indices). PGD and CW start uniformly in the eps-ball,
+    run in eval mode, with step_size. AutoAttack (autoattack_version; 'custom' needs autoattack_attacks)
+    runs after the gradient attacks on all collected examples, in batches of autoattack_batch.
+    Counts stay on the device; the host reads them once at the end. The model's modes are restored.
+    """
+    attacks = tuple(attacks)
+    unknown = [a for a in attacks if a not in EVAL_ATTACKS]
+    if unknown or not attacks:
+        raise ConfigError(f"evaluation attacks must be a non-empty subset of {', '.join(EVAL_ATTACKS)}; "
+                          f'got {attacks}')
+    device = next(model.parameters()).device
+    gradient_attacks = {
+        'fgsm': lambda x, y: atk.fgsm(model, x, y, eps=eps),
+        'pgd': lambda x, y: atk.pgd(model, x, y, eps=eps, step_size=step_size, steps=pgd_steps),
+        'cw': lambda x, y: atk.cw_inf(model, x, y, eps=eps, step_size=step_size, steps=cw_steps),
+    }
+    counts = {name: torch.zeros((), dtype=torch.long, device=device) for name in attacks}
+    worst = torch.zeros((), dtype=torch.long, device=device)
+    kept_x, kept_y, kept_correct = [], [], []   # inputs for AutoAttack, which runs once over all of them
+    n = 0   # from batch shapes: known on the host without a sync
+    with atk.eval_mode(model):
+        for images, labels, _ in loader:
+            if max_examples > 0:
+                images, labels = images[:max_examples - n], labels[:max_examples - n]
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            all_correct = torch.ones(labels.shape[0], dtype=torch.bool, device=device)
+            for name in attacks:
+                if name == 'autoattack':
+                    continue
+                x_eval = images if name == 'clean' else gradient_attacks[name](images, labels)
+                correct = _correct(model, x_eval, labels)
+                counts[name] += correct.sum()
+                all_correct &= correct
+            if 'autoattack' in attacks:
+                kept_x.append(images)
+                kept_y.append(labels)
+                kept_correct.append(all_correct)
+            else:
+                worst += all_correct.sum()
+            n += labels.shape[0]
+            if 0 < max_examples <= n:
+                break   # before fetching another batch: loading one may be costly
+
+        if 'autoattack' in attacks and n > 0:
+            x_all, y_all = torch.cat(kept_x), torch.cat(kept_y)
+            x_adv = atk.autoattack(model, x_all, y_all, eps=eps, version=autoattack_version,
+                                   batch_size=autoattack_batch, attacks_to_run=autoattack_attacks)
+            correct = _correct(model, x_adv, y_all, autoattack_batch)
+            counts['autoattack'] += correct.sum()
+            worst += (torch.cat(kept_correct) & correct).sum()
+
+    names = list(counts) + ['worst']
+    totals = torch.stack([counts[name] for name in counts] + [worst]).tolist()   # the one host read
+    result = {'n': n}
+    for name, total in zip(names, totals):
+        result[name] = 100.0 * total / n if n else float('nan')
+    return result
+
+
+def _over_255(value: float) -> str:
+    """8/255 for 0.0313..., 2.5/255 when not a whole number of 1/255 steps."""
+    k = round(value * 255, 4)
+    return f'{k:g}/255'
+
+
+def format_table(rows: dict[str, dict], settings: dict) -> str:
+    """Markdown table: one row per key (e.g. 'best', 'final'); columns epoch (if any row has it) and the
+    accuracies present in any row (2 decimals); then a line with the evaluation settings."""
+    columns = [c for c in ('epoch',) + TABLE_COLUMNS if any(c in row for row in rows.values())]
+    lines = ['| checkpoint | ' + ' | '.join(columns) + ' |',
+             '|---|' + '---:|' * len(columns)]
+    for label, row in rows.items():
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if value is None:
+                cells.append('-')
+            elif column == 'epoch':
+                cells.append(str(int(value)))
+            else:
+                cells.append(f'{value:.2f}')
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+
+    described = []
+    if 'eps' in settings:
+        described.append(f"eps = {_over_255(settings['eps'])}")
+    if 'step_size' in settings:
+        described.append(f"step size = {_over_255(settings['step_size'])}")
+    for key, text in (('pgd_steps', 'PGD steps'), ('cw_steps', 'CW steps'),
+                      ('autoattack_version', 'AutoAttack version')):
+        if key in settings:
+            described.append(f'{text} = {settings[key]}')
+    if 'n' in settings:
+        described.append(f"n = {settings['n']} examples")
+    return '\n'.join(lines) + '\n\n' + ', '.join(described) + '\n'

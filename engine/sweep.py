@@ -1,0 +1,111 @@
+"""`run.py sweep`: a grid of methods x seeds (x any config values) from one config, one folder per run.
+
+    python run.py sweep -C configs/fashion_mnist_demo.yaml --methods at,sgls --seeds 0-4 \
+        [--grid attack.eps=4,8] [--out runs/sweep] [--compare] [--section.key=value ...]
+
+Finished runs (final.json present) are skipped, killed ones resumed from their last checkpoint, the rest
+started; rerunning the same command after an interruption completes the sweep. Runs go one after another;
+packed seeds (several seeds as one wide model) are a later step.
+"""
+import itertools
+import os
+
+from engine import config
+from engine.errors import UserError
+
+
+def parse_seeds(text):
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,3,7' -> [0, 3, 7]."""
+    seeds = []
+    try:
+        for part in text.split(','):
+            lo, dash, hi = part.partition('-')
+            seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError:
+        raise UserError(f"--seeds: expected e.g. 0-4 or 0,3,7, got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise UserError(f'--seeds: {text!r} is empty or repeats a seed')
+    return seeds
+
+
+def parse_grid(items):
+    """['attack.eps=4,8', 'optimizer.lr=0.1,0.05'] -> [('attack.eps', ['4', '8']), ...] (keys checked)."""
+    grid = []
+    for item in items:
+        key, eq, values = item.partition('=')
+        if not eq or not values:
+            raise UserError(f'--grid: expected section.key=v1,v2, got {item!r}')
+        for v in values.split(','):
+            config.load(cli_args=[f'--{key}={v}'])  # an unknown key or a bad value stops here
+        grid.append((key, values.split(',')))
+    return grid
+
+
+def plan(config_files, cli_args, methods, seeds, grid, out_dir):
+    """Every run of the sweep as (run name, cfg), validated before anything trains."""
+    runs = []
+    for method, seed, *values in itertools.product(methods, seeds, *[v for _, v in grid]):
+        assignments = [f'--{key}={value}' for (key, _), value in zip(grid, values)]
+        suffix = ''.join(f'-{key.split(".")[1]}{value}' for (key, _), value in zip(grid, values))
+        name = f'{method}{suffix}-s{seed}'
+        cfg = config.load(config_files, [*cli_args, f'--method.name={method}', f'--training.seed={seed}',
+                                         *assignments, f'--output.dir={out_dir}', f'--output.name={name}'])
+        runs.append((name, cfg))
+    return runs
+
+
+def status(run_dir):
+    if os.path.exists(os.path.join(run_dir, 'final.json')):
+        return 'done'
+    if os.path.exists(os.path.join(run_dir, 'checkpoints', 'last.pt')):
+        return 'resume'
+    return 'new'
+
+
+def take_list(args, name):
+    values, rest, i = [], [], 0
+    while i < len(args):
+        if args[i] == name and i + 1 < len(args):
+            values.append(args[i + 1])
+            i += 2
+        elif args[i].startswith(name + '='):
+            values.append(args[i].split('=', 1)[1])
+            i += 1
+        else:
+            rest.append(args[i])
+            i += 1
+    return values, rest
+
+
+def main(config_files, args, log=print):
+    from engine.trainer import train
+    methods, args = take_list(args, '--methods')
+    seeds, args = take_list(args, '--seeds')
+    grid_items, args = take_list(args, '--grid')
+    out, args = take_list(args, '--out')
+    do_compare = '--compare' in args
+    args = [a for a in args if a != '--compare']
+    base = config.load(config_files, args)
+    methods = methods[-1].split(',') if methods else [base.method.name]
+    for m in methods:
+        if m not in config.METHODS:
+            raise UserError(f"--methods: unknown method {m!r} (choices: {', '.join(config.METHODS)})")
+    seeds = parse_seeds(seeds[-1]) if seeds else [base.training.seed]
+    out_dir = out[-1] if out else os.path.join(base.output.dir, 'sweep')
+    runs = plan(config_files, args, methods, seeds, parse_grid(grid_items), out_dir)
+    todo = [(name, cfg, status(os.path.join(out_dir, name))) for name, cfg in runs]
+    log(f'sweep {out_dir}: {len(runs)} runs, {sum(s == "done" for *_, s in todo)} done, '
+        f'{sum(s == "resume" for *_, s in todo)} to resume')
+    for i, (name, cfg, state) in enumerate(todo, 1):
+        if state == 'done':
+            continue
+        log(f'[{i}/{len(todo)}] {name} ({state})')
+        if state == 'resume':
+            cfg = config.load(base=config.flat(cfg), overrides={'training.resume': True})
+        train(cfg, log=log)
+    if do_compare:
+        from engine.compare import compare
+        compare([out_dir], os.path.join(out_dir, 'compare'))
+        log(f'comparison: {os.path.join(out_dir, "compare", "report.md")}')
+    return out_dir
+

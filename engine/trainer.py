@@ -1,0 +1,291 @@
+"""Epochs: schedule, training step, evaluation cadence, checkpoints and resume, the final table.
+
+Data flows one way: betons -> loaders -> step -> metrics -> writers. The trainer reads the device once per
+epoch (the meter) and once per evaluation.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from engine import checkpoint, config as config_mod
+from engine.data.convert import NUM_CLASSES, SyntheticSpec, convert
+from engine.data.loaders import make_loaders
+from engine.errors import UserError
+from engine.evaluate import evaluate, format_table
+from engine.methods import Method, corrupt_labels
+from engine.models import build_model
+from engine.soft_labels import SoftLabels
+from engine.step import EpochMeter, attack_cfg_kwargs, train_step
+from writers.run_files import MetricsLog, write_final, write_json_atomic, write_text_atomic
+
+DATASET_STATS = {  # per-channel mean/std for the optional in-model normalization
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'fashion-mnist': ((0.2860,), (0.3530,)),
+}
+DEFAULT_AUGMENT = {'fashion-mnist': 'none'}  # CIFAR and synthetic: crop + flip, as the official code
+# Keys that may change between a run and its resumption without changing what is computed so far.
+RESUMABLE_CHANGES = ('training.resume', 'training.stop_after', 'training.progress', 'training.epochs',
+                     'training.device', 'data.dir', 'data.source', 'data.download', 'data.force', 'output.dir',
+                     'output.overwrite', 'evaluation.')
+
+
+def resolve_device(name):
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f"training.device={name!r} but no CUDA device is available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def lr_at(cfg, epoch):
+    """Learning rate of 1-based `epoch`: piecewise (x gamma from each milestone on) or cosine to 0."""
+    lr = cfg.optimizer.lr
+    if cfg.schedule.kind == 'cosine':
+        return lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.training.epochs))
+    milestones = [int(m) for m in cfg.schedule.milestones.split(',') if m.strip()]
+    return lr * cfg.schedule.gamma ** sum(epoch >= m for m in milestones)
+
+
+def synthetic_spec(d):
+    return SyntheticSpec(d.synthetic_n_train, d.synthetic_n_test, d.synthetic_classes,
+                         tuple(int(s) for s in d.synthetic_shape.split(',')), d.synthetic_seed)
+
+
+def num_classes_of(d):
+    return d.synthetic_classes if d.dataset == 'synthetic' else NUM_CLASSES[d.dataset]
+
+
+def convert_data(cfg, log=print):
+    d = cfg.data
+    return convert(d.dataset, d.dir, source=d.source, download=d.download, force=d.force,
+                   synthetic=synthetic_spec(d), log=log)
+
+
+def labels_by_index(beton_path):
+    """The label of every training image, ordered by its beton index (soft-label init, label noise)."""
+    from ffcv.reader import Reader
+    reader = Reader(beton_path)
+    meta = reader.metadata
+    label = meta[f"f{reader.field_names.index('label')}"]  # IntField metadata: the value itself
+    index = meta[f"f{reader.field_names.index('index')}"]
+    labels = np.empty(len(index), dtype=np.int64)
+    labels[index] = label
+    return torch.from_numpy(labels)
+
+
+def open_data(cfg, device, log=print):
+    d = cfg.data
+    train_path, test_path = convert_data(cfg, log)
+    augment = DEFAULT_AUGMENT.get(d.dataset, 'crop_flip') if d.augment == 'auto' else d.augment
+    loaders = make_loaders(train_path, test_path, kind=d.loader, batch_size=cfg.training.batch_size,
+                           eval_batch_size=cfg.evaluation.batch_size, device=device, seed=cfg.training.seed,
+                           val_size=d.val_size, split_seed=d.split_seed, train_limit=d.train_limit,
+                           crop_padding=d.crop_padding if 'crop' in augment else 0, flip='flip' in augment,
+                           num_workers=d.num_workers)
+    return loaders, train_path
+
+
+def build(cfg, in_channels, device):
+    m, d = cfg.model, cfg.data
+    stats = DATASET_STATS.get(d.dataset, ((0.5,) * in_channels, (0.25,) * in_channels))
+    mean = tuple(float(v) for v in m.mean.split(',')) if m.mean else stats[0]
+    std = tuple(float(v) for v in m.std.split(',')) if m.std else stats[1]
+    model = build_model(m.arch, num_classes_of(d), in_channels=in_channels, width=m.width,
+                        normalize=m.normalize, mean=mean, std=std)
+    return model.to(device)
+
+
+def run_dir_of(cfg):
+    c = cfg
+    name = c.output.name or f'{c.data.dataset}-{c.model.arch}-{c.method.name}-s{c.training.seed}'
+    return os.path.join(c.output.dir, name)
+
+
+def prepare_run_dir(cfg, params, log):
+    """Refuse to mix two runs in one folder; on resume, refuse a config that would change the results."""
+    run_dir = run_dir_of(cfg)
+    last = os.path.join(run_dir, 'checkpoints', 'last.pt')
+    existing = os.path.join(run_dir, 'params.json')
+    if os.path.exists(existing) and cfg.output.overwrite:
+        log(f'{run_dir}: overwrite=true, starting afresh')
+        shutil.rmtree(run_dir)
+    elif os.path.exists(existing) and not cfg.training.resume:
+        raise UserError(f'{run_dir}: a run is already there; --training.resume=true continues it, '
+                        '--output.overwrite=true starts afresh, --output.name=... picks another folder')
+    elif os.path.exists(existing):
+        with open(existing) as f:
+            old = json.load(f)
+        changed = [k for k in params if old.get(k) != params[k] and not k.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            raise UserError(f'{run_dir}: cannot resume with a different config: '
+                            + ', '.join(f'{k} {old.get(k)!r} -> {params[k]!r}' for k in changed))
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, 'params.json'), params)
+    return run_dir, (last if cfg.training.resume and os.path.exists(last) else None)
+
+
+def progress_bar(cfg, loader, epoch):
+    on = cfg.training.progress == 'on' or (cfg.training.progress == 'auto' and sys.stderr.isatty())
+    return tqdm(loader, total=len(loader), desc=f'epoch {epoch}', disable=not on, leave=False,
+                file=sys.stderr, unit='batch', dynamic_ncols=True)
+
+
+def evaluate_epoch(cfg, model, loaders):
+    """Per-epoch clean and PGD accuracy on the test subset and on the validation split."""
+    a = cfg.attack
+    common = dict(attacks=('clean', 'pgd'), eps=a.eps / 255, step_size=a.step_size / 255,
+                  pgd_steps=cfg.evaluation.pgd_steps)
+    out = {}
+    test = evaluate(model, loaders.test, max_examples=cfg.evaluation.subset, **common)
+    out.update(test_clean_acc=test['clean'], test_pgd_acc=test['pgd'])
+    if loaders.val is not None:
+        val = evaluate(model, loaders.val, **common)
+        out.update(val_clean_acc=val['clean'], val_pgd_acc=val['pgd'])
+    return out
+
+
+def train(cfg, log=print):
+    """Train one run to the end (or to training.stop_after epochs); returns its folder."""
+    params = config_mod.flat(cfg)
+    device = resolve_device(cfg.training.device)
+    run_dir, resume_from = prepare_run_dir(cfg, params, log)
+    torch.manual_seed(cfg.training.seed)
+    loaders, train_path = open_data(cfg, device, log)
+    model = build(cfg, loaders.image_shape[0], device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
+                                weight_decay=cfg.optimizer.weight_decay, nesterov=cfg.optimizer.nesterov)
+    method, attack = Method.from_cfg(cfg.method), attack_cfg_kwargs(cfg.attack)
+    n_cls = num_classes_of(cfg.data)
+    m = cfg.method
+    labels = corrupt_labels(labels_by_index(train_path), n_cls, m.label_noise, m.noise_rate, m.noise_seed).to(device)
+    soft_labels = SoftLabels(labels, n_cls) if method.name.startswith('sgls') else None
+    metrics = MetricsLog(os.path.join(run_dir, 'metrics.jsonl'))
+    best, start = {'val_pgd_acc': -1.0, 'epoch': 0}, 1
+    if resume_from:
+        state = checkpoint.load(resume_from, device)
+        model.load_state_dict(state['model'])
+        optimizer.load_state_dict(state['optimizer'])
+        if soft_labels is not None:
+            soft_labels.load_state_dict(state['soft_labels'])
+        checkpoint.set_rng_state(state['rng'])
+        best, start = state['best'], state['epoch'] + 1
+        metrics.truncate_after(state['epoch'])
+        log(f'{run_dir}: resuming after epoch {state["epoch"]}')
+    else:
+        metrics.truncate_after(0)
+    log(f'{run_dir}: {method.name} {cfg.model.arch} on {cfg.data.dataset} ({len(loaders.train_indices)} train '
+        f'images, {loaders.num_train_total} in the beton), {cfg.training.epochs} epochs, device {device}')
+
+    epochs_this_run = 0
+    for epoch in range(start, cfg.training.epochs + 1):
+        lr = lr_at(cfg, epoch)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        loaders.train.set_epoch(epoch)
+        meter = EpochMeter(device)
+        t0 = time.perf_counter()
+        for x, y, idx in progress_bar(cfg, loaders.train, epoch):
+            y = labels[idx]  # the (possibly noise-corrupted) label of each image, by index
+            train_step(model, optimizer, x, y, idx, method=method, attack=attack, soft_labels=soft_labels,
+                       epoch=epoch, meter=meter)
+        record = meter.read()
+        seconds = time.perf_counter() - t0
+        if method.name == 'ce':
+            record['train_robust_acc'] = None  # standard training has no training adversarial examples
+        record = {'epoch': epoch, 'lr': lr, **record, 'epoch_time_s': seconds,
+                  'images_per_s': record['images'] / seconds}
+        if soft_labels is not None:  # 1.0 while the table is one-hot; falls as SGLS softens it
+            rows = soft_labels.table[torch.as_tensor(loaders.train_indices, device=device)]
+            record['soft_label_max_mean'] = rows.max(1).values.mean().item()
+        if epoch % cfg.evaluation.every == 0 or epoch == cfg.training.epochs:
+            record.update(evaluate_epoch(cfg, model, loaders))
+            if record.get('train_robust_acc') is not None:
+                record['robust_gap'] = record['train_robust_acc'] - record['test_pgd_acc']
+            selector = record.get('val_pgd_acc', record['test_pgd_acc'])  # test only when there is no val split
+            if selector > best['val_pgd_acc']:
+                best = {'val_pgd_acc': selector, 'epoch': epoch}
+                checkpoint.save(os.path.join(run_dir, 'checkpoints', 'best.pt'), model=model, params=params,
+                                epoch=epoch, with_rng=False)
+        checkpoint.save(os.path.join(run_dir, 'checkpoints', 'last.pt'), model=model, params=params, epoch=epoch,
+                        optimizer=optimizer, soft_labels=soft_labels, best=best)
+        metrics.append(record)
+        log(epoch_line(record))
+        epochs_this_run += 1
+        if cfg.training.stop_after and epochs_this_run >= cfg.training.stop_after and epoch < cfg.training.epochs:
+            log(f'{run_dir}: stopped after {epochs_this_run} epochs (training.stop_after); resume to continue')
+            return run_dir
+    final_table(cfg, model, loaders, run_dir, params, best, device, log)
+    return run_dir
+
+
+def epoch_line(r):
+    def f(key, fmt='{:.2f}'):
+        return fmt.format(r[key]) if r.get(key) is not None else '-'
+    return (f"epoch {r['epoch']:>3} lr {r['lr']:.4g} loss {f('train_loss', '{:.4f}')} "
+            f"train clean/rob {f('train_clean_acc')}/{f('train_robust_acc')} "
+            f"test clean/pgd {f('test_clean_acc')}/{f('test_pgd_acc')} val pgd {f('val_pgd_acc')} "
+            f"|g| {f('grad_norm', '{:.3f}')} {f('epoch_time_s', '{:.1f}')}s {f('images_per_s', '{:.0f}')} img/s")
+
+
+def final_settings(cfg, n):
+    e, a = cfg.evaluation, cfg.attack
+    return {'eps': a.eps / 255, 'eps_255': a.eps, 'step_size_255': a.step_size, 'pgd_steps': e.final_pgd_steps,
+            'cw_steps': e.cw_steps, 'autoattack_version': e.autoattack_version if e.autoattack else None,
+            'autoattack_n': (e.autoattack_n or n) if e.autoattack else None, 'n': n}
+
+
+def evaluate_final(cfg, model, loader):
+    """One row of the final table: clean, FGSM, PGD-20, CW-inf, AutoAttack and the per-example worst case."""
+    e, a = cfg.evaluation, cfg.attack
+    attacks = ['clean'] + ['fgsm'] * e.fgsm + ['pgd'] + ['cw'] * (e.cw_steps > 0)
+    same_n = e.autoattack and e.autoattack_n in (0, e.final_n)
+    common = dict(eps=a.eps / 255, step_size=a.step_size / 255, pgd_steps=e.final_pgd_steps,
+                  cw_steps=max(e.cw_steps, 1), autoattack_version=e.autoattack_version)
+    row = evaluate(model, loader, attacks=tuple(attacks + ['autoattack'] * same_n), max_examples=e.final_n,
+                   **common)
+    if e.autoattack and not same_n:  # AutoAttack on its own (smaller) subset; 'worst' then excludes it
+        row['autoattack'] = evaluate(model, loader, attacks=('autoattack',), max_examples=e.autoattack_n,
+                                     **common)['autoattack']
+    return row
+
+
+def final_table(cfg, model, loaders, run_dir, params, best, device, log):
+    rows = {}
+    if best['epoch'] > 0:
+        best_model = build(cfg, loaders.image_shape[0], device)
+        best_model.load_state_dict(checkpoint.load(os.path.join(run_dir, 'checkpoints', 'best.pt'),
+                                                   device)['model'])
+        rows['best'] = {'epoch': best['epoch'], **evaluate_final(cfg, best_model, loaders.test)}
+    rows['final'] = {'epoch': cfg.training.epochs, **evaluate_final(cfg, model, loaders.test)}
+    settings = final_settings(cfg, rows['final']['n'])
+    settings['best_selected_on'] = 'validation PGD' if loaders.val is not None else 'test PGD (no validation split)'
+    table = format_table(rows, settings)
+    write_final(run_dir, {'rows': rows, 'settings': settings, 'method': cfg.method.name,
+                          'seed': cfg.training.seed}, table)
+    log(f'{run_dir}/final.md:\n{table}')
+
+
+def eval_checkpoint(path, cli_args=(), log=print):
+    """`run.py eval --checkpoint PATH`: the final-table evaluation of a saved model, with its own config."""
+    state = checkpoint.load(path)
+    cfg = config_mod.load(cli_args=cli_args, base=state['params'])
+    device = resolve_device(cfg.training.device)
+    loaders, _ = open_data(cfg, device, log)
+    model = build(cfg, loaders.image_shape[0], device)
+    model.load_state_dict(state['model'])
+    row = {'epoch': state['epoch'], **evaluate_final(cfg, model, loaders.test)}
+    settings = final_settings(cfg, row['n'])
+    table = format_table({os.path.basename(path): row}, settings)
+    stem = os.path.splitext(path)[0]
+    write_json_atomic(stem + '-eval.json', {'checkpoint': path, 'row': row, 'settings': settings})
+    write_text_atomic(stem + '-eval.md', table + '\n')
+    log(f'{stem}-eval.md:\n{table}')
+    return row

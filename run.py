@@ -1,0 +1,98 @@
+"""One entry point.
+
+    python run.py convert  [-C config.yaml ...] [--data.key=value ...]   sources -> <data.dir>/<dataset>-{train,test}.beton
+    python run.py train    [-C config.yaml ...] [--section.key=value ...] train one run; final.json / final.md at the end
+    python run.py eval     --checkpoint PATH [--section.key=value ...]   the final-table evaluation of a checkpoint
+    python run.py sweep    [-C config.yaml ...] --methods at,sgls --seeds 0-4 [--grid key=v1,v2] [--compare]
+    python run.py compare  RUN_DIRS... [--out DIR] [--baseline METHOD]   many-seed statistics, report and plots
+
+`python run.py train --help` lists every config key. Errors in the input (config, data, checkpoints) print one
+message naming the file and field, and exit with code 2.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from engine.errors import UserError  # noqa: E402
+
+USAGE = __doc__
+
+
+def split_config_files(args):
+    """Pull `-C FILE` / `--config-file FILE` (repeatable) out of the argument list."""
+    files, rest, i = [], [], 0
+    while i < len(args):
+        if args[i] in ('-C', '--config-file'):
+            if i + 1 >= len(args):
+                raise UserError(f'{args[i]} needs a file name')
+            files.append(args[i + 1])
+            i += 2
+        elif args[i].startswith('--config-file='):
+            files.append(args[i].split('=', 1)[1])
+            i += 1
+        else:
+            rest.append(args[i])
+            i += 1
+    return files, rest
+
+
+def take_option(args, name):
+    """Remove `--name VALUE` or `--name=VALUE` from args; return (value or None, remaining args)."""
+    for i, a in enumerate(args):
+        if a == name:
+            if i + 1 >= len(args):
+                raise UserError(f'{name} needs a value')
+            return args[i + 1], args[:i] + args[i + 2:]
+        if a.startswith(name + '='):
+            return a.split('=', 1)[1], args[:i] + args[i + 1:]
+    return None, args
+
+
+def main(argv):
+    if not argv or argv[0] in ('-h', '--help'):
+        print(USAGE)
+        return 0 if argv else 2
+    command, args = argv[0], argv[1:]
+    from engine import config
+    if command in ('convert', 'train', 'eval', 'sweep') and ('-h' in args or '--help' in args):
+        print(USAGE + config.help_text())
+        return 0
+    if command == 'convert':
+        files, rest = split_config_files(args)
+        cfg = config.load(files, rest)  # config errors before the heavy imports
+        from engine.trainer import convert_data
+        train_path, test_path = convert_data(cfg)
+        print(f'{train_path}\n{test_path}')
+    elif command == 'train':
+        files, rest = split_config_files(args)
+        cfg = config.load(files, rest)
+        from engine.trainer import train
+        train(cfg)
+    elif command == 'eval':
+        from engine.trainer import eval_checkpoint
+        path, rest = take_option(args, '--checkpoint')
+        if path is None:
+            raise UserError('eval needs --checkpoint PATH')
+        eval_checkpoint(path, rest)
+    elif command == 'sweep':
+        from engine.sweep import main as sweep_main
+        files, rest = split_config_files(args)
+        sweep_main(files, rest)
+    elif command == 'compare':
+        from engine.compare import main as compare_main
+        compare_main(args)
+    else:
+        raise UserError(f"unknown command '{command}' (convert, train, eval, sweep, compare)")
+    return 0
+
+
+if __name__ == '__main__':
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,111 @@
+"""The strict config layer: none of fastargs' traps reach a user."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine import config
+from engine.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=120)
+
+
+def test_defaults_reproduce_official_code():
+    cfg = config.load()
+    assert (cfg.attack.eps, cfg.attack.step_size, cfg.attack.steps) == (8.0, 2.0, 10)
+    assert (cfg.method.sgls_alpha, cfg.method.sgls_lam, cfg.method.sgls_start_epoch) == (0.9, 0.2, 90)
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 5e-4)
+    assert (cfg.training.epochs, cfg.training.batch_size, cfg.schedule.milestones) == (200, 128, '100,150')
+
+
+@pytest.mark.parametrize('text,expected', [('False', False), ('false', False), ('0', False), ('no', False),
+                                           ('True', True), ('1', True), ('on', True)])
+def test_bool_from_command_line_means_what_it_says(text, expected):
+    assert config.load(cli_args=['--training.resume', text]).training.resume is expected
+    assert config.load(cli_args=[f'--training.resume={text}']).training.resume is expected
+
+
+def test_priority_defaults_file_cli(tmp_path):
+    f = tmp_path / 'a.yaml'
+    f.write_text('training:\n  epochs: 7\n  seed: 3\nmethod:\n  name: sgls\n')
+    cfg = config.load([str(f)], ['--training.seed=5'])
+    assert (cfg.training.epochs, cfg.training.seed, cfg.method.name) == (7, 5, 'sgls')
+
+
+def test_environment_variables_are_ignored(monkeypatch):
+    monkeypatch.setenv('training.epochs', '3')
+    assert config.load().training.epochs == 200
+
+
+@pytest.mark.parametrize('yaml_text,needle', [
+    ('training:\n  epoch: 3\n', "unknown key 'training.epoch' (did you mean training.epochs"),
+    ('trainin:\n  epochs: 3\n', "unknown section 'trainin' (did you mean training"),
+    ('training:\n  epochs: 1.5\n', "'training.epochs' must be an int"),
+    ('training:\n  epochs: 0\n', "'training.epochs' must be an int in [1, ]"),
+    ('optimizer:\n  momentum: 2\n', "'optimizer.momentum' must be a float in [0.0, 1.0]"),
+    ('method:\n  name: sgld\n', "'method.name' must be one of ce, at, trades, sgls, sgls_trades"),
+    ('training:\n  resume: maybe\n', "'training.resume' must be true/false"),
+    ('training: 3\n', "section 'training' must be a mapping"),
+    ('- a\n- b\n', 'expected a mapping of sections'),
+    ('training: [\n', 'not valid YAML'),
+    ('schedule:\n  milestones: 150,100\n', "'schedule.milestones' must be increasing"),
+])
+def test_bad_yaml_names_file_and_key(tmp_path, yaml_text, needle):
+    f = tmp_path / 'bad.yaml'
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        config.load([str(f)])
+    assert needle in str(e.value)
+    if 'must be increasing' not in needle:
+        assert str(f) in str(e.value)
+
+
+@pytest.mark.parametrize('args,needle', [
+    (['--training.epochz=3'], "command line: unknown key 'training.epochz'"),
+    (['--attack.eps=big'], "command line: 'attack.eps' must be a float"),
+    (['--training.resume'], "'--training.resume' needs a value"),
+    (['epochs=3'], 'expected --section.key=value'),
+])
+def test_bad_command_line(args, needle):
+    with pytest.raises(ConfigError) as e:
+        config.load(cli_args=args)
+    assert needle in str(e.value)
+
+
+def test_run_py_exits_nonzero_with_message(tmp_path):
+    f = tmp_path / 'bad.yaml'
+    f.write_text('optimizer:\n  lr: fast\n')
+    for args in (['train', '-C', str(f)], ['train', '--training.epochz=1'], ['train', '-C', str(tmp_path / 'no.yaml')],
+                 ['frobnicate'], ['eval', '--checkpoint', str(tmp_path / 'none.pt')]):
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.startswith('error: ') and 'Traceback' not in r.stderr, r.stderr
+    assert "'optimizer.lr' must be a float" in run_cli('train', '-C', str(f)).stderr
+
+
+def test_help_lists_every_key():
+    r = run_cli('train', '--help')
+    assert r.returncode == 0
+    for key in config.KEYS:
+        assert f'--{key}' in r.stdout
+
+
+def test_flat_roundtrip_through_params_json():
+    cfg = config.load(cli_args=['--method.name=trades', '--attack.eps=4'])
+    params = json.loads(json.dumps(config.flat(cfg)))
+    assert config.flat(config.load(base=params)) == params
+
+
+def test_every_shipped_config_loads():
+    import glob
+    files = sorted(glob.glob(os.path.join(ROOT, 'configs', '**', '*.yaml'), recursive=True))
+    assert len(files) >= 17
+    for f in files:
+        config.load([f])

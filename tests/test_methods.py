@@ -1,0 +1,159 @@
+"""Losses and the soft-label update against the formulas, written out here on fixed tensors."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.methods import LOSSES, Method, corrupt_labels
+from engine.soft_labels import SoftLabels
+from engine.trainer import lr_at
+from engine import config
+
+
+def softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def log_softmax(z):
+    return np.log(softmax(z))
+
+
+class Linear(torch.nn.Module):
+    """logits = x.flatten(1) @ W: a model whose outputs the test can compute by hand."""
+
+    def __init__(self, W):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.tensor(W, dtype=torch.float32))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.W
+
+
+@pytest.fixture
+def batch():
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(6, 4))
+    x = rng.uniform(size=(3, 6))
+    x_adv = np.clip(x + rng.uniform(-0.1, 0.1, size=x.shape), 0, 1)
+    y = np.array([2, 0, 3])
+    idx = np.array([4, 1, 6])  # beton indices, not batch positions
+    return W, x, x_adv, y, idx
+
+
+def as_t(*arrays):
+    return [torch.tensor(a, dtype=torch.float32 if a.dtype.kind == 'f' else torch.int64) for a in arrays]
+
+
+def test_soft_label_update_touches_only_its_rows():
+    sl = SoftLabels(torch.tensor([0, 2, 1, 0, 1]), 3)
+    pred = torch.tensor([[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]])
+    rows = sl.update(torch.tensor([3, 1]), pred, 0.9)
+    expected = np.eye(3)[[0, 2, 1, 0, 1]].astype(np.float32)
+    expected[3] = 0.9 * np.array([1, 0, 0]) + 0.1 * np.array([0.2, 0.5, 0.3])
+    expected[1] = 0.9 * np.array([0, 0, 1]) + 0.1 * np.array([0.1, 0.1, 0.8])
+    np.testing.assert_allclose(sl.table.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(rows.numpy(), expected[[3, 1]], rtol=1e-6)
+
+
+@pytest.mark.parametrize('r,T', [(1.0, 1.0), (0.7, 2.0)])
+def test_sgls_loss_and_update_equal_formula(batch, r, T):
+    W, x, x_adv, y, idx = batch
+    labels = np.array([0, 0, 1, 2, 2, 3, 3, 1])
+    labels[idx] = y
+    m = Method('sgls', alpha=0.9, lam=0.2, start_epoch=5, r=r, temperature=T)
+    model = Linear(W)
+    sl = SoftLabels(torch.tensor(labels), 4)
+    sl.table[idx[0]] = torch.tensor([0.1, 0.2, 0.6, 0.1])  # a row that is already soft
+    t_before = sl.table.numpy().copy()
+    xt, xat, yt, it = as_t(x, x_adv, y, idx)
+
+    # Before start_epoch: plain cross-entropy on the adversarial logits, table untouched.
+    loss, logits = LOSSES['sgls'](m, model, xt, xat, yt, it, sl, epoch=4)
+    z_adv = x_adv @ W
+    np.testing.assert_allclose(loss.item(), -np.mean(log_softmax(z_adv)[np.arange(3), y]), rtol=1e-5)
+    np.testing.assert_array_equal(sl.table.numpy(), t_before)
+
+    # From start_epoch on: t[idx] = a t[idx] + (1-a)(lam p(x) + (1-lam) p(x_adv)); loss vs r t + (1-r) onehot.
+    loss, logits = LOSSES['sgls'](m, model, xt, xat, yt, it, sl, epoch=5)
+    mix = 0.2 * softmax(x @ W / T) + 0.8 * softmax(z_adv / T)
+    t_new = 0.9 * t_before[idx] + 0.1 * mix
+    target = r * t_new + (1 - r) * np.eye(4)[y]
+    expected = np.mean(np.sum(-log_softmax(z_adv) * target, axis=1))
+    np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+    expected_table = t_before.copy()
+    expected_table[idx] = t_new
+    np.testing.assert_allclose(sl.table.numpy(), expected_table, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(logits.detach().numpy(), z_adv, rtol=1e-5)
+
+    # The target is a constant: the gradient is that of soft CE on f(x_adv) alone.
+    loss.backward()
+    W_t = torch.tensor(W, dtype=torch.float32, requires_grad=True)
+    ref = torch.sum(-F.log_softmax(xat @ W_t, 1) * torch.tensor(target, dtype=torch.float32), 1).mean()
+    ref.backward()
+    np.testing.assert_allclose(model.W.grad.numpy(), W_t.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def kl(p, q):
+    return np.sum(p * (np.log(p) - np.log(q)), axis=1)
+
+
+def test_trades_loss_equals_formula(batch):
+    W, x, x_adv, y, idx = batch
+    m = Method('trades', beta=6.0)
+    loss, _ = LOSSES['trades'](m, Linear(W), *as_t(x, x_adv, y, idx), None, epoch=1)
+    z, z_adv = x @ W, x_adv @ W
+    expected = -np.mean(log_softmax(z)[np.arange(3), y]) + 6.0 * np.mean(kl(softmax(z), softmax(z_adv)))
+    np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+
+
+def test_sgls_trades_loss_equals_formula(batch):
+    W, x, x_adv, y, idx = batch
+    labels = np.zeros(8, dtype=np.int64)
+    labels[idx] = y
+    m = Method('sgls_trades', beta=3.0, start_epoch=2)
+    sl = SoftLabels(torch.tensor(labels), 4)
+    loss, _ = LOSSES['sgls_trades'](m, Linear(W), *as_t(x, x_adv, y, idx), sl, epoch=1)
+    z, z_adv = x @ W, x_adv @ W
+    plain = -np.mean(log_softmax(z)[np.arange(3), y]) + 3.0 * np.mean(kl(softmax(z), softmax(z_adv)))
+    np.testing.assert_allclose(loss.item(), plain, rtol=1e-5)
+    loss, _ = LOSSES['sgls_trades'](m, Linear(W), *as_t(x, x_adv, y, idx), sl, epoch=2)
+    t = 0.9 * np.eye(4)[y] + 0.1 * (0.2 * softmax(z) + 0.8 * softmax(z_adv))
+    expected = np.mean(np.sum(-log_softmax(z) * t, 1)) + 3.0 * np.mean(kl(softmax(z), softmax(z_adv)))
+    np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+    np.testing.assert_allclose(sl.table.numpy()[idx], t, rtol=1e-5)
+
+
+def test_sgls_clean_forward_runs_in_train_mode_without_graph():
+    """As the official code: the clean pass updates BatchNorm statistics but builds no graph."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
+    x, x_adv = torch.rand(8, 6), torch.rand(8, 6)
+    y, idx = torch.randint(0, 4, (8,)), torch.arange(8)
+    sl = SoftLabels(y, 4)
+    model.train()
+    LOSSES['sgls'](Method('sgls', start_epoch=1), model, x, x_adv, y, idx, sl, epoch=1)
+    bn = model[2]
+    assert bn.num_batches_tracked.item() == 2  # adversarial pass + clean pass
+
+
+def test_label_noise_by_index():
+    labels = torch.arange(10).repeat(1000)
+    sym = corrupt_labels(labels, 10, 'sym', 0.4, seed=1)
+    changed = (sym != labels).float().mean().item()
+    assert abs(changed - 0.4) < 0.02
+    assert torch.equal(sym, corrupt_labels(labels, 10, 'sym', 0.4, seed=1))
+    assert not torch.equal(sym, corrupt_labels(labels, 10, 'sym', 0.4, seed=2))
+    asym = corrupt_labels(labels, 10, 'asym', 0.4, seed=1)
+    moved = asym != labels
+    pairs = set(zip(labels[moved].tolist(), asym[moved].tolist()))
+    assert pairs == {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
+
+
+def test_learning_rate_schedules():
+    cfg = config.load()
+    assert [lr_at(cfg, e) for e in (1, 99, 100, 149, 150, 200)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    cos = config.load(cli_args=['--schedule.kind=cosine', '--training.epochs=10'])
+    assert lr_at(cos, 1) == pytest.approx(0.1)
+    assert lr_at(cos, 6) == pytest.approx(0.05)
