@@ -69,26 +69,30 @@ def _attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, p_clean: torc
 
 
 def _random_start(x: torch.Tensor, eps: float, start: str) -> torch.Tensor:
+    # Noise is drawn in logical (NCHW) order whatever x's memory format: random generators fill memory in order,
+    # so a channels-last x would otherwise give each pixel a different draw than the eager reference path.
     if start == 'uniform':
         # As the official PGD code: a uniform point of the eps-ball, clipped to the image range.
-        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        noise = torch.empty_like(x, memory_format=torch.contiguous_format).uniform_(-eps, eps)
+        return (x + noise).clamp(0, 1)
     if start == 'normal':
         # As TRADES: a tiny Gaussian nudge (KL is flat at x itself), not clipped.
-        return x + NORMAL_START_STD * torch.randn_like(x)
+        return x + NORMAL_START_STD * torch.randn_like(x, memory_format=torch.contiguous_format)
     return x.clone()
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
         loss: str = 'ce', start: str = 'uniform', bn_mode: str = 'eval',
-        p_clean: torch.Tensor | None = None) -> torch.Tensor:
+        p_clean: torch.Tensor | None = None, loss_scale: float = 1.0) -> torch.Tensor:
     """L-inf PGD. Each step: x_adv = clamp(min(max(x_adv + step_size * sign(grad), x - eps), x + eps), 0, 1).
 
     loss: 'ce' (cross entropy vs y), 'kl' (TRADES: sum KL(p_clean || softmax(f(x_adv))); p_clean defaults
     to softmax(f(x)) computed without grad in the attack's BN mode), 'cw' (margin, see cw_margin_loss).
     start: 'uniform' (x + U(-eps, eps) clipped to [0, 1]), 'normal' (x + 0.001 N(0, 1)), 'none'.
     bn_mode: 'eval' runs the attack in eval mode and restores the previous modes; 'train' leaves them.
-    Gradients are taken w.r.t. the input only (parameters' .grad stay untouched). Returns a detached
-    tensor of x's dtype, shape and memory format.
+    loss_scale multiplies the objective before the gradient (fp16: keeps input gradients from underflowing;
+    the step uses only their sign). Gradients are taken w.r.t. the input only (parameters' .grad stay
+    untouched). Returns a detached tensor of x's dtype, shape and memory format.
     """
     _check_choice('loss', loss, LOSSES)
     _check_choice('start', start, STARTS)
@@ -105,7 +109,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
             x_adv.requires_grad_(True)
             # enable_grad: the attack must work inside a caller's torch.no_grad() (e.g. evaluation).
             with torch.enable_grad():
-                objective = _attack_loss(model(x_adv), y, loss, p_clean)
+                objective = _attack_loss(model(x_adv), y, loss, p_clean) * loss_scale
             (grad,) = torch.autograd.grad(objective, x_adv)
             x_adv = x_adv.detach() + step_size * grad.sign()
             x_adv = torch.min(torch.max(x_adv, lower), upper).clamp(0, 1)

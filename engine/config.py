@@ -145,6 +145,12 @@ def declare(config):
         resume=P(bool, False, 'continue the run in the output folder from its last checkpoint'),
         stop_after=P(int, 0, 'stop after this many epochs in this invocation (0 = never); resume later', low=0),
         progress=P(str, 'auto', 'progress bar: auto = only on a terminal', choices=('auto', 'on', 'off')),
+        engine=P(str, 'eager', 'eager: the reference step; fast: compiled, channels-last, mixed precision',
+                 choices=('eager', 'fast')),
+        precision=P(str, 'auto', 'fast engine: auto = bf16 on GPU, fp32 on CPU', choices=('auto', 'fp32', 'bf16', 'fp16')),
+        channels_last=P(bool, True, 'fast engine: channels-last memory format'),
+        compile=P(bool, True, 'fast engine: torch.compile the model'),
+        cuda_graphs=P(bool, True, "fast engine: CUDA graphs (torch.compile mode 'reduce-overhead') on a GPU"),
     )
     section('evaluation', 'Evaluation during and after training').params(
         every=P(int, 1, 'evaluate test and validation every N epochs (and always at the last)', low=1),

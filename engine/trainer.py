@@ -3,6 +3,7 @@
 Data flows one way: betons -> loaders -> step -> metrics -> writers. The trainer reads the device once per
 epoch (the meter) and once per evaluation.
 """
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from engine.evaluate import evaluate, format_table
 from engine.methods import Method, corrupt_labels
 from engine.models import build_model
 from engine.soft_labels import SoftLabels
-from engine.step import EpochMeter, attack_cfg_kwargs, train_step
+from engine.step import EpochMeter, FastStep, attack_cfg_kwargs, train_step
 from writers.run_files import MetricsLog, write_final, write_json_atomic, write_text_atomic
 
 DATASET_STATS = {  # per-channel mean/std for the optional in-model normalization
@@ -152,6 +153,20 @@ def evaluate_epoch(cfg, model, loaders):
     return out
 
 
+def make_step(cfg, model, device, log):
+    """(step function, model to evaluate with) for training.engine. The final table always uses the eager fp32
+    model, so the reported numbers never depend on the speed-ups."""
+    t = cfg.training
+    if t.engine == 'eager':
+        return (lambda optimizer, *batch, **kw: train_step(model, optimizer, *batch, **kw)), model, \
+            contextlib.nullcontext
+    fast = FastStep(model, device, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                    cuda_graphs=t.cuda_graphs)
+    log(f'fast engine: precision {fast.precision}, channels_last {t.channels_last}, compile {t.compile}, '
+        f'cuda_graphs {t.cuda_graphs and device.type == "cuda"}')
+    return fast, fast.net, fast.autocast
+
+
 def train(cfg, log=print):
     """Train one run to the end (or to training.stop_after epochs); returns its folder."""
     params = config_mod.flat(cfg)
@@ -167,6 +182,7 @@ def train(cfg, log=print):
     m = cfg.method
     labels = corrupt_labels(labels_by_index(train_path), n_cls, m.label_noise, m.noise_rate, m.noise_seed).to(device)
     soft_labels = SoftLabels(labels, n_cls) if method.name.startswith('sgls') else None
+    step, net, autocast = make_step(cfg, model, device, log)
     metrics = MetricsLog(os.path.join(run_dir, 'metrics.jsonl'))
     best, start = {'val_pgd_acc': -1.0, 'epoch': 0}, 1
     if resume_from:
@@ -192,10 +208,13 @@ def train(cfg, log=print):
         loaders.train.set_epoch(epoch)
         meter = EpochMeter(device)
         t0 = time.perf_counter()
-        for x, y, idx in progress_bar(cfg, loaders.train, epoch):
+        for i, (x, y, idx) in enumerate(progress_bar(cfg, loaders.train, epoch)):
             y = labels[idx]  # the (possibly noise-corrupted) label of each image, by index
-            train_step(model, optimizer, x, y, idx, method=method, attack=attack, soft_labels=soft_labels,
-                       epoch=epoch, meter=meter)
+            step(optimizer, x, y, idx, method=method, attack=attack, soft_labels=soft_labels, epoch=epoch,
+                 meter=meter)
+            if i == 0 and epochs_this_run == 0 and cfg.training.engine == 'fast':
+                meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
+                log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')
         record = meter.read()
         seconds = time.perf_counter() - t0
         if method.name == 'ce':
@@ -206,7 +225,8 @@ def train(cfg, log=print):
             rows = soft_labels.table[torch.as_tensor(loaders.train_indices, device=device)]
             record['soft_label_max_mean'] = rows.max(1).values.mean().item()
         if epoch % cfg.evaluation.every == 0 or epoch == cfg.training.epochs:
-            record.update(evaluate_epoch(cfg, model, loaders))
+            with autocast():
+                record.update(evaluate_epoch(cfg, net, loaders))
             if record.get('train_robust_acc') is not None:
                 record['robust_gap'] = record['train_robust_acc'] - record['test_pgd_acc']
             selector = record.get('val_pgd_acc', record['test_pgd_acc'])  # test only when there is no val split

@@ -70,6 +70,9 @@ def test_pgd_step_matches_written_out_reference():
             x_ref_t = torch.clamp(torch.min(torch.max(x_ref_t + step * grad.sign(), x_ref - eps), x_ref + eps), 0, 1)
         got = pgd(model, x, y, eps=eps, step_size=step, steps=steps, start='none')
         torch.testing.assert_close(got.flatten(1), x_ref_t, rtol=0, atol=1e-7)
+        # loss_scale (for fp16 gradients) must not change the step: only the gradient's sign is used.
+        scaled = pgd(model, x, y, eps=eps, step_size=step, steps=steps, start='none', loss_scale=1024.0)
+        torch.testing.assert_close(scaled, got, rtol=0, atol=0)
 
 
 def bn_state(model):
@@ -157,6 +160,12 @@ def test_memory_format_no_grad_and_autocast():
     with torch.no_grad():   # attacks must still get input gradients inside an evaluation's no_grad
         x_adv = pgd(model, x, y, eps=EPS, step_size=2 / 255, steps=2)
     assert x_adv.is_contiguous(memory_format=torch.channels_last)
+    # Random starts are drawn in logical order, so the memory format does not change the attack.
+    torch.manual_seed(4)
+    from_cl = pgd(model, x, y, eps=EPS, step_size=2 / 255, steps=2)
+    torch.manual_seed(4)
+    from_contiguous = pgd(model, x.contiguous(), y, eps=EPS, step_size=2 / 255, steps=2)
+    torch.testing.assert_close(from_cl, from_contiguous, rtol=0, atol=1e-6)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         x_amp = pgd(model, x, y, eps=EPS, step_size=2 / 255, steps=2, loss='kl', start='normal')
     assert x_amp.dtype == torch.float32

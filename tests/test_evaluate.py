@@ -67,6 +67,10 @@ def test_accuracies_equal_hand_count(model_and_batches):
         assert result[name] == pytest.approx(100 * count / 30), name
     assert 0 < result['clean'] < 100
     assert all(result['worst'] <= result[name] for name in ('clean', 'fgsm', 'pgd', 'cw'))
+    # 'worst' counts clean mistakes even when clean accuracy is not asked for.
+    pgd_only = evaluate(model, batches, attacks=('pgd',), eps=EPS, step_size=STEP, pgd_steps=3)
+    assert set(pgd_only) == {'n', 'pgd', 'worst'}
+    assert pgd_only['worst'] <= min(pgd_only['pgd'], result['clean'])
 
 
 def test_only_asked_keys_and_max_examples(model_and_batches):
