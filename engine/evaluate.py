@@ -126,4 +126,8 @@ def format_table(rows: dict[str, dict], settings: dict) -> str:
             described.append(f'{text} = {settings[key]}')
     if 'n' in settings:
         described.append(f"n = {settings['n']} examples")
+    if settings.get('autoattack_n') not in (None, settings.get('n')):
+        described.append(f"AutoAttack on the first {settings['autoattack_n']} of them")
+    if 'best_selected_on' in settings:
+        described.append(f"best checkpoint chosen on {settings['best_selected_on']}")
     return '\n'.join(lines) + '\n\n' + ', '.join(described) + '\n'

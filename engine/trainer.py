@@ -257,9 +257,12 @@ def epoch_line(r):
 
 def final_settings(cfg, n):
     e, a = cfg.evaluation, cfg.attack
-    return {'eps': a.eps / 255, 'eps_255': a.eps, 'step_size_255': a.step_size, 'pgd_steps': e.final_pgd_steps,
-            'cw_steps': e.cw_steps, 'autoattack_version': e.autoattack_version if e.autoattack else None,
-            'autoattack_n': (e.autoattack_n or n) if e.autoattack else None, 'n': n}
+    settings = {'eps': a.eps / 255, 'step_size': a.step_size / 255, 'pgd_steps': e.final_pgd_steps, 'n': n}
+    if e.cw_steps:
+        settings['cw_steps'] = e.cw_steps
+    if e.autoattack:
+        settings.update(autoattack_version=e.autoattack_version, autoattack_n=min(e.autoattack_n or n, n))
+    return settings
 
 
 def evaluate_final(cfg, model, loader):

@@ -30,7 +30,7 @@ from engine.errors import ConfigError, DataError
 
 FIELDS = ['image', 'label', 'index']  # the layout convert.py writes, in this order
 KINDS = ('gpu', 'ffcv')
-REMAKE = 'Re-create it with engine.data.convert.convert(dataset, out_dir, force=True).'
+REMAKE = 'Re-create it: python run.py convert -C <your config> --data.force=true'
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _column(reader: Reader, field: str) -> np.ndarray:
 
 def _checked_reader(path: str, expect_shape=None) -> tuple[BetonInfo, Reader]:
     if not os.path.isfile(path):
-        raise DataError(f'{path}: no such .beton file. Create it with engine.data.convert.convert(dataset, out_dir).')
+        raise DataError(f'{path}: no such .beton file. Create it: python run.py convert -C <your config>')
     size = os.path.getsize(path)
     if size < HeaderType.itemsize:
         raise DataError(f'{path}: {size} bytes, shorter than a .beton header; truncated or not a beton. {REMAKE}')
