@@ -35,8 +35,10 @@ def _epoch_matrix(runs_metrics, key):
     return np.arange(1, matrix.shape[1] + 1), matrix
 
 
-def _draw_band(axes, epochs, matrix, color, linestyle, label):
+def _draw_band(axes, epochs, matrix, color, linestyle, label, limits=None):
     count, mean, low, high = column_mean_ci95(matrix)
+    if limits is not None:  # a t interval can pass 0% or 100%; accuracy cannot
+        low, high = np.clip(low, *limits), np.clip(high, *limits)
     # Only epochs some run evaluated; dropping the gaps keeps the line continuous across unevaluated epochs.
     evaluated = count > 0
     n_runs = int(count.max())
@@ -53,7 +55,7 @@ def _save(figure, path):
     return path
 
 
-def _curve_plot(curves, series, title, ylabel, path):
+def _curve_plot(curves, series, title, ylabel, path, limits=None):
     """One line per (method, key) in series [(key, linestyle, suffix)]; returns the path, or None if no data."""
     figure = Figure(figsize=(8, 5), layout="constrained")
     axes = figure.add_subplot()
@@ -62,7 +64,7 @@ def _curve_plot(curves, series, title, ylabel, path):
         for key, linestyle, suffix in series:
             epochs, matrix = _epoch_matrix(runs_metrics, key)
             if matrix is not None:
-                _draw_band(axes, epochs, matrix, _color(index), linestyle, f"{method}{suffix}")
+                _draw_band(axes, epochs, matrix, _color(index), linestyle, f"{method}{suffix}", limits)
                 drew = True
     if not drew:
         return None
@@ -117,9 +119,9 @@ def write_plots(curves, summary, out_dir):
     planned = [
         _curve_plot(curves, [("test_pgd_acc", "-", " test PGD"), ("train_robust_acc", "--", " train robust")],
                     "Robust accuracy per epoch: test PGD (solid) vs train (dashed)", "robust accuracy (%)",
-                    os.path.join(out_dir, "robust_acc.png")),
+                    os.path.join(out_dir, "robust_acc.png"), limits=(0, 100)),
         _curve_plot(curves, [("test_clean_acc", "-", "")], "Clean test accuracy per epoch", "clean accuracy (%)",
-                    os.path.join(out_dir, "clean_acc.png")),
+                    os.path.join(out_dir, "clean_acc.png"), limits=(0, 100)),
         _curve_plot(curves, [("grad_norm", "-", "")], "Gradient norm per epoch", "grad norm",
                     os.path.join(out_dir, "grad_norm.png")),
         _final_metrics_plot(summary, os.path.join(out_dir, "final_metrics.png")),
