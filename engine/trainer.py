@@ -208,10 +208,14 @@ def train(cfg, log=print):
         loaders.train.set_epoch(epoch)
         meter = EpochMeter(device)
         t0 = time.perf_counter()
-        for i, (x, y, idx) in enumerate(progress_bar(cfg, loaders.train, epoch)):
+        bar = progress_bar(cfg, loaders.train, epoch)
+        for i, (x, y, idx) in enumerate(bar):
             y = labels[idx]  # the (possibly noise-corrupted) label of each image, by index
             step(optimizer, x, y, idx, method=method, attack=attack, soft_labels=soft_labels, epoch=epoch,
                  meter=meter)
+            if not bar.disable and i % 20 == 19:  # a host read, so only for a visible bar, and rarely
+                bar.set_postfix(loss=f'{meter.sums[0].item() / meter.images:.4f}',
+                                img_s=f'{meter.images / (time.perf_counter() - t0):.0f}')
             if i == 0 and epochs_this_run == 0 and cfg.training.engine == 'fast':
                 meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
                 log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')

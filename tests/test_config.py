@@ -109,3 +109,14 @@ def test_every_shipped_config_loads():
     assert len(files) >= 17
     for f in files:
         config.load([f])
+
+
+def test_run_py_convert(tmp_path):
+    ok = run_cli('convert', '--data.dataset=synthetic', f'--data.dir={tmp_path}', '--data.synthetic_n_train=64',
+                 '--data.synthetic_n_test=32')
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in ok.stdout.splitlines()[-2:])
+    missing = run_cli('convert', '--data.dataset=cifar10', f'--data.dir={tmp_path / "c"}',
+                      f'--data.source={tmp_path / "nowhere.tar.gz"}')
+    assert missing.returncode == 2 and 'nowhere.tar.gz' in missing.stderr, missing.stderr
+    assert not os.path.exists(tmp_path / 'c') or not os.listdir(tmp_path / 'c')
