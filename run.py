@@ -19,34 +19,11 @@ from engine.errors import UserError  # noqa: E402
 USAGE = __doc__
 
 
-def split_config_files(args):
-    """Pull `-C FILE` / `--config-file FILE` (repeatable) out of the argument list."""
-    files, rest, i = [], [], 0
-    while i < len(args):
-        if args[i] in ('-C', '--config-file'):
-            if i + 1 >= len(args):
-                raise UserError(f'{args[i]} needs a file name')
-            files.append(args[i + 1])
-            i += 2
-        elif args[i].startswith('--config-file='):
-            files.append(args[i].split('=', 1)[1])
-            i += 1
-        else:
-            rest.append(args[i])
-            i += 1
-    return files, rest
-
-
 def take_option(args, name):
-    """Remove `--name VALUE` or `--name=VALUE` from args; return (value or None, remaining args)."""
-    for i, a in enumerate(args):
-        if a == name:
-            if i + 1 >= len(args):
-                raise UserError(f'{name} needs a value')
-            return args[i + 1], args[:i] + args[i + 2:]
-        if a.startswith(name + '='):
-            return a.split('=', 1)[1], args[:i] + args[i + 1:]
-    return None, args
+    """Remove `--name VALUE` or `--name=VALUE` from args; return (the last value or None, remaining args)."""
+    from engine.config import take_options
+    values, rest = take_options(args, name)
+    return (values[-1] if values else None), rest
 
 
 def main(argv):
@@ -59,13 +36,13 @@ def main(argv):
         print(USAGE + config.help_text())
         return 0
     if command == 'convert':
-        files, rest = split_config_files(args)
+        files, rest = config.take_options(args, '-C', '--config-file')
         cfg = config.load(files, rest)  # config errors before the heavy imports
         from engine.trainer import convert_data
         train_path, test_path = convert_data(cfg)
         print(f'{train_path}\n{test_path}')
     elif command == 'train':
-        files, rest = split_config_files(args)
+        files, rest = config.take_options(args, '-C', '--config-file')
         cfg = config.load(files, rest)
         from engine.trainer import train
         train(cfg)
@@ -77,7 +54,7 @@ def main(argv):
         eval_checkpoint(path, rest)
     elif command == 'sweep':
         from engine.sweep import main as sweep_main
-        files, rest = split_config_files(args)
+        files, rest = config.take_options(args, '-C', '--config-file')
         sweep_main(files, rest)
     elif command == 'compare':
         from engine.compare import main as compare_main

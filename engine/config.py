@@ -213,6 +213,25 @@ def read_yaml(path):
     return values
 
 
+def take_options(args, *names):
+    """Remove every `NAME VALUE` / `NAME=VALUE` (NAME in names) from args: (values in order, remaining args)."""
+    values, rest, i = [], [], 0
+    while i < len(args):
+        name = args[i].split('=', 1)[0]
+        if name in names and '=' in args[i]:
+            values.append(args[i].split('=', 1)[1])
+            i += 1
+        elif name in names:
+            if i + 1 >= len(args):
+                raise ConfigError(f'command line: {name} needs a value')
+            values.append(args[i + 1])
+            i += 2
+        else:
+            rest.append(args[i])
+            i += 1
+    return values, rest
+
+
 def read_cli(args):
     """['--a.b=1', '--c.d', '2'] -> {'a.b': '1', 'c.d': '2'}; every value must be given explicitly."""
     values, i = {}, 0

@@ -89,16 +89,9 @@ def welch(a, b):
     var_mean_b = b.var(ddof=1) / b.size
     se = np.sqrt(var_mean_a + var_mean_b)
     if se == 0:
-        return {"diff": diff, "t": None, "df": None, "p": None, "ci95": None}
+        return _t_test(diff, se, None)
     df = (var_mean_a + var_mean_b) ** 2 / (var_mean_a**2 / (a.size - 1) + var_mean_b**2 / (b.size - 1))
-    t_value = diff / se
-    return {
-        "diff": diff,
-        "t": float(t_value),
-        "df": float(df),
-        "p": _two_sided_p(t_value, df),
-        "ci95": _interval(diff, _t_quantile(df) * se),
-    }
+    return _t_test(diff, se, df)
 
 
 def paired(a, b):
@@ -116,16 +109,16 @@ def paired(a, b):
     diff = float(differences.mean())
     df = n - 1
     se = differences.std(ddof=1) / np.sqrt(n)
+    return _t_test(diff, se, df)
+
+
+def _t_test(diff, se, df):
+    """{diff, t, df, p (two-sided), ci95} of a t statistic diff/se; t, p and ci95 are None when se is 0."""
     if se == 0:
-        return {"diff": diff, "t": None, "df": float(df), "p": None, "ci95": None}
+        return {"diff": diff, "t": None, "df": None if df is None else float(df), "p": None, "ci95": None}
     t_value = diff / se
-    return {
-        "diff": diff,
-        "t": float(t_value),
-        "df": float(df),
-        "p": _two_sided_p(t_value, df),
-        "ci95": _interval(diff, _t_quantile(df) * se),
-    }
+    return {"diff": diff, "t": float(t_value), "df": float(df), "p": _two_sided_p(t_value, df),
+            "ci95": _interval(diff, _t_quantile(df) * se)}
 
 
 def cohens_d(a, b):

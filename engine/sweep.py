@@ -62,27 +62,12 @@ def status(run_dir):
     return 'new'
 
 
-def take_list(args, name):
-    values, rest, i = [], [], 0
-    while i < len(args):
-        if args[i] == name and i + 1 < len(args):
-            values.append(args[i + 1])
-            i += 2
-        elif args[i].startswith(name + '='):
-            values.append(args[i].split('=', 1)[1])
-            i += 1
-        else:
-            rest.append(args[i])
-            i += 1
-    return values, rest
-
-
 def main(config_files, args, log=print):
     from engine.trainer import train
-    methods, args = take_list(args, '--methods')
-    seeds, args = take_list(args, '--seeds')
-    grid_items, args = take_list(args, '--grid')
-    out, args = take_list(args, '--out')
+    methods, args = config.take_options(args, '--methods')
+    seeds, args = config.take_options(args, '--seeds')
+    grid_items, args = config.take_options(args, '--grid')
+    out, args = config.take_options(args, '--out')
     do_compare = '--compare' in args
     args = [a for a in args if a != '--compare']
     base = config.load(config_files, args)
