@@ -150,7 +150,8 @@ def declare(config):
         precision=P(str, 'auto', 'fast engine: auto = bf16 on GPU, fp32 on CPU', choices=('auto', 'fp32', 'bf16', 'fp16')),
         channels_last=P(bool, True, 'fast engine: channels-last memory format'),
         compile=P(bool, True, 'fast engine: torch.compile the model'),
-        cuda_graphs=P(bool, True, "fast engine: CUDA graphs (torch.compile mode 'reduce-overhead') on a GPU"),
+        cuda_graphs=P(bool, True, 'fast engine on a GPU: capture the whole step as CUDA graphs and replay them '
+                      '(bf16 or fp32; ignored on CPU)'),
     )
     section('evaluation', 'Evaluation during and after training').params(
         every=P(int, 1, 'evaluate test and validation every N epochs (and always at the last)', low=1),
@@ -293,6 +294,10 @@ def _check_consistency(cfg):
         raise ConfigError(f"'schedule.milestones' must be increasing, got {cfg.schedule.milestones!r}")
     if cfg.method.label_noise != 'none' and cfg.method.noise_rate == 0:
         raise ConfigError("'method.noise_rate' must be > 0 when 'method.label_noise' is set")
+    t = cfg.training
+    if t.engine == 'fast' and t.precision == 'fp16' and t.cuda_graphs:
+        raise ConfigError("'training.precision' fp16 needs 'training.cuda_graphs' false: fp16 loss scaling reads "
+                          'an overflow flag back to the host every step, which a CUDA graph cannot hold')
 
 
 def flat(cfg):

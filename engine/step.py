@@ -9,10 +9,17 @@ import contextlib
 import torch
 
 from engine.attacks import pgd
+from engine.errors import ConfigError
 from engine.methods import LOSSES
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 FP16_ATTACK_LOSS_SCALE = 1024.0  # keeps fp16 input gradients from underflowing; PGD only uses their sign
+
+
+def step_stats(loss, robust_correct, clean_correct, grad_norm, n):
+    """A step's metrics as one [4] float64 device vector: loss x n, robust-correct, clean-correct, grad-norm."""
+    return torch.stack([loss.detach().float() * n, robust_correct.float(), clean_correct.float(),
+                        grad_norm.float()]).double()
 
 
 class EpochMeter:
@@ -23,8 +30,11 @@ class EpochMeter:
         self.images = self.steps = 0
 
     def add(self, loss, robust_correct, clean_correct, grad_norm, n):
-        self.sums += torch.stack([loss.detach().float() * n, robust_correct.float(), clean_correct.float(),
-                                  grad_norm.float()]).double()
+        self.add_stats(step_stats(loss, robust_correct, clean_correct, grad_norm, n), n)
+
+    def add_stats(self, stats, n):
+        """stats: a step's [4] float64 vector (step_stats); a replayed CUDA graph hands its static output here."""
+        self.sums += stats
         self.images += n
         self.steps += 1
 
@@ -79,6 +89,25 @@ def train_step(model, optimizer, x, y, idx, *, method, attack, soft_labels, epoc
     meter.add(loss, robust_correct, clean_correct, grad_norm, x.shape[0])
 
 
+def make_sgd(params, *, lr, momentum, weight_decay, nesterov=False, device=None, graphed=False):
+    """torch SGD; graphed=True holds the learning rate in a device tensor and uses the fused update, which
+    reads it on the device: a CUDA graph replays whatever the tensor holds (set_lr fills it in place), while
+    a float learning rate would be frozen into the captured kernels."""
+    if graphed:
+        return torch.optim.SGD(params, lr=torch.tensor(float(lr), device=device), momentum=momentum,
+                               weight_decay=weight_decay, nesterov=nesterov, fused=True)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def set_lr(optimizer, lr):
+    """Set every group's learning rate; a tensor learning rate is filled in place (captured graphs hold it)."""
+    for group in optimizer.param_groups:
+        if isinstance(group['lr'], torch.Tensor):
+            group['lr'].fill_(lr)
+        else:
+            group['lr'] = lr
+
+
 def resolve_precision(name, device):
     if name == 'auto':
         return 'bf16' if device.type == 'cuda' else 'fp32'
@@ -86,26 +115,41 @@ def resolve_precision(name, device):
 
 
 class FastStep:
-    """train_step with the speed-ups of training.engine=fast, each switchable for benchmarks:
-    channels-last memory format, autocast at `precision`, torch.compile of the model (mode 'reduce-overhead',
-    i.e. CUDA graphs, when cuda_graphs and on a GPU). `net` is the model to evaluate with, too."""
+    """train_step with the speed-ups of training.engine=fast, each switchable for benchmarks: channels-last
+    memory format, autocast at `precision`, torch.compile of the model, and (cuda_graphs, on a GPU) the whole
+    step captured as CUDA graphs and replayed (engine.graphs.GraphedStep). `net` is the model to evaluate
+    with, too. With cuda_graphs the optimizer must come from make_sgd(..., graphed=True)."""
 
-    def __init__(self, model, device, *, precision='auto', channels_last=True, compile=True, cuda_graphs=True):
+    def __init__(self, model, device, *, precision='auto', channels_last=True, compile=True, cuda_graphs=False):
         self.device, self.precision = device, resolve_precision(precision, device)
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        mode = 'reduce-overhead' if cuda_graphs and device.type == 'cuda' else None
-        self.net = torch.compile(model, mode=mode) if compile else model
+        if device.type == 'cuda':  # fixed batch shapes: cuDNN's autotuner measures each convolution once
+            torch.backends.cudnn.benchmark = True
+        self.net = torch.compile(model) if compile else model
         dtype = PRECISIONS[self.precision]
-        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.graphed = None
+        if cuda_graphs and device.type == 'cuda':
+            if dtype is torch.float16:
+                raise ConfigError('training.cuda_graphs needs precision bf16 or fp32: fp16 loss scaling reads '
+                                  'an overflow flag back to the host every step')
+            from engine.graphs import GraphedStep
+            self.graphed = GraphedStep(self._step)
+        # autocast's weight-cast cache is off under graphs: a cast cached at capture would never be refreshed.
+        cache = self.graphed is None
+        self.autocast = ((lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache)) if dtype
+                         else contextlib.nullcontext)
         self.scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
 
     def attack_kwargs(self, attack):
         return dict(attack, loss_scale=FP16_ATTACK_LOSS_SCALE) if self.scaler is not None else attack
 
-    def __call__(self, optimizer, x, y, idx, *, attack, **kw):
+    def _step(self, optimizer, x, y, idx, *, attack, **kw):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         train_step(self.net, optimizer, x, y, idx, attack=self.attack_kwargs(attack), autocast=self.autocast,
                    scaler=self.scaler, **kw)
+
+    def __call__(self, optimizer, x, y, idx, **kw):
+        (self.graphed or self._step)(optimizer, x, y, idx, **kw)

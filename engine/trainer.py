@@ -23,7 +23,7 @@ from engine.evaluate import evaluate, format_table
 from engine.methods import Method, corrupt_labels
 from engine.models import build_model
 from engine.soft_labels import SoftLabels
-from engine.step import EpochMeter, FastStep, attack_cfg_kwargs, train_step
+from engine.step import EpochMeter, FastStep, attack_cfg_kwargs, make_sgd, set_lr, train_step
 from writers.run_files import MetricsLog, write_final, write_json_atomic, write_text_atomic
 
 DATASET_STATS = {  # per-channel mean/std for the optional in-model normalization
@@ -153,17 +153,23 @@ def evaluate_epoch(cfg, model, loaders):
     return out
 
 
+def uses_graphs(cfg, device):
+    return cfg.training.engine == 'fast' and cfg.training.cuda_graphs and device.type == 'cuda'
+
+
 def make_step(cfg, model, device, log):
-    """(step function, model to evaluate with) for training.engine. The final table always uses the eager fp32
-    model, so the reported numbers never depend on the speed-ups."""
+    """(step function, model to evaluate with, autocast) for training.engine. The final table always uses the
+    eager fp32 model, so the reported numbers never depend on the speed-ups."""
     t = cfg.training
     if t.engine == 'eager':
         return (lambda optimizer, *batch, **kw: train_step(model, optimizer, *batch, **kw)), model, \
             contextlib.nullcontext
     fast = FastStep(model, device, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
                     cuda_graphs=t.cuda_graphs)
+    if fast.graphed is not None:
+        fast.graphed.log = log
     log(f'fast engine: precision {fast.precision}, channels_last {t.channels_last}, compile {t.compile}, '
-        f'cuda_graphs {t.cuda_graphs and device.type == "cuda"}')
+        f'cuda_graphs {fast.graphed is not None}')
     return fast, fast.net, fast.autocast
 
 
@@ -175,8 +181,9 @@ def train(cfg, log=print):
     torch.manual_seed(cfg.training.seed)
     loaders, train_path = open_data(cfg, device, log)
     model = build(cfg, loaders.image_shape[0], device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum,
-                                weight_decay=cfg.optimizer.weight_decay, nesterov=cfg.optimizer.nesterov)
+    o = cfg.optimizer
+    optimizer = make_sgd(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                         nesterov=o.nesterov, device=device, graphed=uses_graphs(cfg, device))
     method, attack = Method.from_cfg(cfg.method), attack_cfg_kwargs(cfg.attack)
     n_cls = num_classes_of(cfg.data)
     m = cfg.method
@@ -203,8 +210,7 @@ def train(cfg, log=print):
     epochs_this_run = 0
     for epoch in range(start, cfg.training.epochs + 1):
         lr = lr_at(cfg, epoch)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        set_lr(optimizer, lr)
         loaders.train.set_epoch(epoch)
         meter = EpochMeter(device)
         t0 = time.perf_counter()
