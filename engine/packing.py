@@ -49,7 +49,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         k, o = self.num_seeds, self.out_features
-        per_seed = x.view(x.shape[0], k, self.in_features).transpose(0, 1)     # [K, B, i]
+        per_seed = x.reshape(x.shape[0], k, self.in_features).transpose(0, 1)  # [K, B, i]
         weight_t = self.weight.view(k, o, self.in_features).transpose(1, 2)    # [K, i, o]
         out = (torch.bmm(per_seed, weight_t) if self.bias is None
                else torch.baddbmm(self.bias.view(k, 1, o), per_seed, weight_t))  # [K, B, o]
@@ -79,7 +79,7 @@ class PackedModel(nn.Module):
 
     def forward(self, x):
         out = self.net(x)
-        return out.view(out.shape[0], self.num_seeds, -1)
+        return out.reshape(out.shape[0], self.num_seeds, -1)
 
 
 def _placement(layer):
