@@ -3,7 +3,7 @@
     python run.py convert  [-C config.yaml ...] [--data.key=value ...]   sources -> <data.dir>/<dataset>-{train,test}.beton
     python run.py train    [-C config.yaml ...] [--section.key=value ...] train one run; final.json / final.md at the end
     python run.py eval     --checkpoint PATH [--section.key=value ...]   the final-table evaluation of a checkpoint
-    python run.py sweep    [-C config.yaml ...] --methods at,sgls --seeds 0-4 [--grid key=v1,v2] [--compare]
+    python run.py sweep    [-C config.yaml ...] --methods at,sgls --seeds 0-4 [--grid key=v1,v2] [--pack K] [--compare]
     python run.py compare  RUN_DIRS... [--out DIR] [--baseline METHOD]   many-seed statistics, report and plots
 
 `python run.py train --help` lists every config key. Errors in the input (config, data, checkpoints) print one

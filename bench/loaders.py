@@ -120,7 +120,7 @@ def main(argv=None):
         print(f'{name}: {rows[-1]["images_per_s"]:.0f} images/s', file=sys.stderr)
 
     baseline = rows[-1]['images_per_s']
-    print(f'\n| loader | images/s | s/epoch | x torchvision |\n|---|---:|---:|---:|')
+    print('\n| loader | images/s | s/epoch | x torchvision |\n|---|---:|---:|---:|')
     for row in rows:
         print(f'| {row["loader"]} | {row["images_per_s"]:,.0f} | {np.mean(row["epoch_s"]):.2f} | '
               f'{row["images_per_s"] / baseline:.1f} |')

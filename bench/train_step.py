@@ -281,7 +281,7 @@ def markdown(meta, rows):
     notes.update({f"{r['arch']} {r['batch']} {r['method']} {r['config']}": r['note'] for r in rows
                   if r['status'] == 'error'})
     lines += [''] + [f'- {name}: {note}' for name, note in notes.items()]
-    lines += [f"- FLOP: {meta['flop_formula']}", f"- Forward GMACs per image: "
+    lines += [f"- FLOP: {meta['flop_formula']}", "- Forward GMACs per image: "
               + ', '.join(f'{k} {v / 2e9:.4g}' for k, v in meta['forward_flop'].items()),
               f"- MFU peak: {meta['peak_tflops'] or 'n/a'} TFLOP/s ({meta['peak_source']})",
               f"- Memory: {meta['memory_note']}"]

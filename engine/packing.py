@@ -212,7 +212,7 @@ def rng_state(device):
 
 
 @contextlib.contextmanager
-def _seed_stream(rng_states, k, device):
+def seed_stream(rng_states, k, device):
     """Draw from seed k's stream in the body: its state goes into the default generator, and afterwards the
     advanced state back into rng_states[k]; the outer stream is left as it was."""
     generator = _default_generator(device)
@@ -239,7 +239,7 @@ def packed_pgd(packed, xs, ys, *, eps, step_size, steps, loss='ce', start='unifo
                 p_clean = F.softmax(packed(x).float(), dim=2).reshape(b * k, -1)
         starts = []
         for seed in range(k):
-            with _seed_stream(rng_states, seed, xs.device):
+            with seed_stream(rng_states, seed, xs.device):
                 starts.append(_random_start(xs[seed], eps, start))
         x_adv = pack_inputs(torch.stack(starts))
         lower, upper = x - eps, x + eps

@@ -3,7 +3,6 @@
 It lives on the training device and is only touched with gather / index_copy_, so an update costs no host sync.
 It is part of every checkpoint: a resumed SGLS run must continue from the same table.
 """
-import torch
 import torch.nn.functional as F
 
 

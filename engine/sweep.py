@@ -1,16 +1,18 @@
 """`run.py sweep`: a grid of methods x seeds (x any config values) from one config, one folder per run.
 
     python run.py sweep -C configs/fashion_mnist_demo.yaml --methods at,sgls --seeds 0-4 \
-        [--grid attack.eps=4,8] [--out runs/sweep] [--compare] [--section.key=value ...]
+        [--grid attack.eps=4,8] [--pack K] [--out runs/sweep] [--compare] [--section.key=value ...]
 
 Finished runs (final.json present) are skipped, killed ones resumed from their last checkpoint, the rest
-started; rerunning the same command after an interruption completes the sweep. Runs go one after another;
-packed seeds (several seeds as one wide model) are a later step.
+started; rerunning the same command after an interruption completes the sweep. With --pack K (K > 1) the seeds
+of each method and grid point train K at a time as one packed model (engine.packed_trainer; eager engine only),
+each still writing its own folder; seeds that cannot be packed together (resuming from different epochs, or
+one left over) train alone.
 """
 import itertools
 import os
 
-from engine import config
+from engine import checkpoint, config
 from engine.errors import UserError
 
 
@@ -42,7 +44,8 @@ def parse_grid(items):
 
 
 def plan(config_files, cli_args, methods, seeds, grid, out_dir):
-    """Every run of the sweep as (run name, cfg), validated before anything trains."""
+    """Every run of the sweep as (run name, cfg, group), validated before anything trains; a group is the runs of
+    one method and grid point, the seeds that may be packed together."""
     runs = []
     for method, seed, *values in itertools.product(methods, seeds, *[v for _, v in grid]):
         assignments = [f'--{key}={value}' for (key, _), value in zip(grid, values)]
@@ -50,7 +53,7 @@ def plan(config_files, cli_args, methods, seeds, grid, out_dir):
         name = f'{method}{suffix}-s{seed}'
         cfg = config.load(config_files, [*cli_args, f'--method.name={method}', f'--training.seed={seed}',
                                          *assignments, f'--output.dir={out_dir}', f'--output.name={name}'])
-        runs.append((name, cfg))
+        runs.append((name, cfg, (method, *values)))
     return runs
 
 
@@ -62,12 +65,28 @@ def status(run_dir):
     return 'new'
 
 
+def epochs_done(run_dir):
+    last = os.path.join(run_dir, 'checkpoints', 'last.pt')
+    return checkpoint.load(last)['epoch'] if os.path.exists(last) else 0
+
+
+def batches(todo, pack, out_dir):
+    """The unfinished runs as lists to train together: up to `pack` seeds of one group that resume from the same
+    epoch (a list of one trains alone)."""
+    groups = {}
+    for name, cfg, group in todo:
+        groups.setdefault((group, epochs_done(os.path.join(out_dir, name))), []).append((name, cfg))
+    return [runs[i:i + pack] for runs in groups.values() for i in range(0, len(runs), pack)]
+
+
 def main(config_files, args, log=print):
+    from engine.packed_trainer import check_packable, train_packed
     from engine.trainer import train
     methods, args = config.take_options(args, '--methods')
     seeds, args = config.take_options(args, '--seeds')
     grid_items, args = config.take_options(args, '--grid')
     out, args = config.take_options(args, '--out')
+    pack, args = config.take_options(args, '--pack')
     do_compare = '--compare' in args
     args = [a for a in args if a != '--compare']
     base = config.load(config_files, args)
@@ -76,21 +95,30 @@ def main(config_files, args, log=print):
         if m not in config.METHODS:
             raise UserError(f"--methods: unknown method {m!r} (choices: {', '.join(config.METHODS)})")
     seeds = parse_seeds(seeds[-1]) if seeds else [base.training.seed]
+    if pack and not (pack[-1].isdigit() and int(pack[-1]) >= 1):
+        raise UserError(f'--pack: expected a number of seeds >= 1, got {pack[-1]!r}')
+    pack = int(pack[-1]) if pack else 1
     out_dir = out[-1] if out else os.path.join(base.output.dir, 'sweep')
     runs = plan(config_files, args, methods, seeds, parse_grid(grid_items), out_dir)
-    todo = [(name, cfg, status(os.path.join(out_dir, name))) for name, cfg in runs]
-    log(f'sweep {out_dir}: {len(runs)} runs, {sum(s == "done" for *_, s in todo)} done, '
-        f'{sum(s == "resume" for *_, s in todo)} to resume')
-    for i, (name, cfg, state) in enumerate(todo, 1):
-        if state == 'done':
-            continue
-        log(f'[{i}/{len(todo)}] {name} ({state})')
-        if state == 'resume':
-            cfg = config.load(base=config.flat(cfg), overrides={'training.resume': True})
-        train(cfg, log=log)
+    states = {name: status(os.path.join(out_dir, name)) for name, *_ in runs}
+    log(f'sweep {out_dir}: {len(runs)} runs, {sum(s == "done" for s in states.values())} done, '
+        f'{sum(s == "resume" for s in states.values())} to resume')
+    # resume=true throughout: a run killed before its first checkpoint restarts; a finished epoch is kept.
+    todo = [(name, config.load(base=config.flat(cfg), overrides={'training.resume': True}), group)
+            for name, cfg, group in runs if states[name] != 'done']
+    for _, cfg, _ in todo if pack > 1 else ():  # before anything trains: packing needs the eager engine
+        check_packable([cfg])
+    done = len(runs) - len(todo)
+    for together in batches(todo, pack, out_dir):
+        names = ', '.join(f'{name} ({states[name]})' for name, _ in together)
+        done += len(together)
+        log(f'[{done}/{len(runs)}] {names}' + (' packed' if len(together) > 1 else ''))
+        if len(together) > 1:
+            train_packed([cfg for _, cfg in together], log=log)
+        else:
+            train(together[0][1], log=log)
     if do_compare:
         from engine.compare import compare
         compare([out_dir], os.path.join(out_dir, 'compare'))
         log(f'comparison: {os.path.join(out_dir, "compare", "report.md")}')
     return out_dir
-

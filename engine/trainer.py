@@ -133,9 +133,9 @@ def prepare_run_dir(cfg, params, log):
     return run_dir, (last if cfg.training.resume and os.path.exists(last) else None)
 
 
-def progress_bar(cfg, loader, epoch):
+def progress_bar(cfg, loader, epoch, total=None):
     on = cfg.training.progress == 'on' or (cfg.training.progress == 'auto' and sys.stderr.isatty())
-    return tqdm(loader, total=len(loader), desc=f'epoch {epoch}', disable=not on, leave=False,
+    return tqdm(loader, total=total or len(loader), desc=f'epoch {epoch}', disable=not on, leave=False,
                 file=sys.stderr, unit='batch', dynamic_ncols=True)
 
 
@@ -173,87 +173,117 @@ def make_step(cfg, model, device, log):
     return fast, fast.net, fast.autocast
 
 
-def train(cfg, log=print):
-    """Train one run to the end (or to training.stop_after epochs); returns its folder."""
-    params = config_mod.flat(cfg)
-    device = resolve_device(cfg.training.device)
-    run_dir, resume_from = prepare_run_dir(cfg, params, log)
-    torch.manual_seed(cfg.training.seed)
-    loaders, train_path = open_data(cfg, device, log)
-    model = build(cfg, loaders.image_shape[0], device)
-    o = cfg.optimizer
-    optimizer = make_sgd(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                         nesterov=o.nesterov, device=device, graphed=uses_graphs(cfg, device))
-    method, attack = Method.from_cfg(cfg.method), attack_cfg_kwargs(cfg.attack)
-    n_cls = num_classes_of(cfg.data)
-    m = cfg.method
-    labels = corrupt_labels(labels_by_index(train_path), n_cls, m.label_noise, m.noise_rate, m.noise_seed).to(device)
-    soft_labels = SoftLabels(labels, n_cls) if method.name.startswith('sgls') else None
-    step, net, autocast = make_step(cfg, model, device, log)
-    metrics = MetricsLog(os.path.join(run_dir, 'metrics.jsonl'))
-    best, start = {'val_pgd_acc': -1.0, 'epoch': 0}, 1
-    if resume_from:
-        state = checkpoint.load(resume_from, device)
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        if soft_labels is not None:
-            soft_labels.load_state_dict(state['soft_labels'])
-        checkpoint.set_rng_state(state['rng'])
-        best, start = state['best'], state['epoch'] + 1
-        metrics.truncate_after(state['epoch'])
-        log(f'{run_dir}: resuming after epoch {state["epoch"]}')
-    else:
-        metrics.truncate_after(0)
-    log(f'{run_dir}: {method.name} {cfg.model.arch} on {cfg.data.dataset} ({len(loaders.train_indices)} train '
-        f'images, {loaders.num_train_total} in the beton), {cfg.training.epochs} epochs, device {device}')
+class Run:
+    """One run's state and the bookkeeping around its training steps: folder, data, model, optimizer, labels and
+    soft labels, metrics log, best-so-far record. train() drives one Run; engine.packed_trainer drives several
+    whose steps run packed. Built in the order that fixes the run's random stream: seed, data, model; restore()
+    then loads a checkpoint to resume from, RNG state included."""
 
-    epochs_this_run = 0
-    for epoch in range(start, cfg.training.epochs + 1):
-        lr = lr_at(cfg, epoch)
-        set_lr(optimizer, lr)
-        loaders.train.set_epoch(epoch)
-        meter = EpochMeter(device)
-        t0 = time.perf_counter()
-        bar = progress_bar(cfg, loaders.train, epoch)
-        for i, (x, y, idx) in enumerate(bar):
-            y = labels[idx]  # the (possibly noise-corrupted) label of each image, by index
-            step(optimizer, x, y, idx, method=method, attack=attack, soft_labels=soft_labels, epoch=epoch,
-                 meter=meter)
-            if not bar.disable and i % 20 == 19:  # a host read, so only for a visible bar, and rarely
-                bar.set_postfix(loss=f'{meter.sums[0].item() / meter.images:.4f}',
-                                img_s=f'{meter.images / (time.perf_counter() - t0):.0f}')
-            if i == 0 and epochs_this_run == 0 and cfg.training.engine == 'fast':
-                meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
-                log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')
+    def __init__(self, cfg, device, log=print, graphed=False):
+        self.cfg, self.device, self.log = cfg, device, log
+        self.params = config_mod.flat(cfg)
+        self.run_dir, self.resume_from = prepare_run_dir(cfg, self.params, log)
+        torch.manual_seed(cfg.training.seed)
+        self.loaders, train_path = open_data(cfg, device, log)
+        self.model = build(cfg, self.loaders.image_shape[0], device)
+        o, m = cfg.optimizer, cfg.method
+        self.optimizer = make_sgd(self.model.parameters(), lr=o.lr, momentum=o.momentum,
+                                  weight_decay=o.weight_decay, nesterov=o.nesterov, device=device, graphed=graphed)
+        self.method, self.attack = Method.from_cfg(m), attack_cfg_kwargs(cfg.attack)
+        n_cls = num_classes_of(cfg.data)
+        self.labels = corrupt_labels(labels_by_index(train_path), n_cls, m.label_noise, m.noise_rate,
+                                     m.noise_seed).to(device)
+        self.soft_labels = SoftLabels(self.labels, n_cls) if self.method.name.startswith('sgls') else None
+        self.metrics = MetricsLog(os.path.join(self.run_dir, 'metrics.jsonl'))
+        self.best, self.start, self.epochs_this_run = {'val_pgd_acc': -1.0, 'epoch': 0}, 1, 0
+
+    def restore(self):
+        """Resume from the last checkpoint when there is one to resume from; then say what will run."""
+        cfg, log = self.cfg, self.log
+        if self.resume_from:
+            state = checkpoint.load(self.resume_from, self.device)
+            self.model.load_state_dict(state['model'])
+            self.optimizer.load_state_dict(state['optimizer'])
+            if self.soft_labels is not None:
+                self.soft_labels.load_state_dict(state['soft_labels'])
+            checkpoint.set_rng_state(state['rng'])
+            self.best, self.start = state['best'], state['epoch'] + 1
+            self.metrics.truncate_after(state['epoch'])
+            log(f'{self.run_dir}: resuming after epoch {state["epoch"]}')
+        else:
+            self.metrics.truncate_after(0)
+        log(f'{self.run_dir}: {self.method.name} {cfg.model.arch} on {cfg.data.dataset} '
+            f'({len(self.loaders.train_indices)} train images, {self.loaders.num_train_total} in the beton), '
+            f'{cfg.training.epochs} epochs, device {self.device}')
+
+    def begin_epoch(self, epoch):
+        lr = lr_at(self.cfg, epoch)
+        set_lr(self.optimizer, lr)
+        self.loaders.train.set_epoch(epoch)
+        return lr
+
+    def end_epoch(self, epoch, lr, meter, seconds, net, autocast):
+        """Record, evaluate, checkpoint and log a finished epoch; True when training.stop_after says stop here."""
+        cfg, device = self.cfg, self.device
         record = meter.read()
-        seconds = time.perf_counter() - t0
-        if method.name == 'ce':
+        if self.method.name == 'ce':
             record['train_robust_acc'] = None  # standard training has no training adversarial examples
         record = {'epoch': epoch, 'lr': lr, **record, 'epoch_time_s': seconds,
                   'images_per_s': record['images'] / seconds}
-        if soft_labels is not None:  # 1.0 while the table is one-hot; falls as SGLS softens it
-            rows = soft_labels.table[torch.as_tensor(loaders.train_indices, device=device)]
+        if self.soft_labels is not None:  # 1.0 while the table is one-hot; falls as SGLS softens it
+            rows = self.soft_labels.table[torch.as_tensor(self.loaders.train_indices, device=device)]
             record['soft_label_max_mean'] = rows.max(1).values.mean().item()
         if epoch % cfg.evaluation.every == 0 or epoch == cfg.training.epochs:
             with autocast():
-                record.update(evaluate_epoch(cfg, net, loaders))
+                record.update(evaluate_epoch(cfg, net, self.loaders))
             if record.get('train_robust_acc') is not None:
                 record['robust_gap'] = record['train_robust_acc'] - record['test_pgd_acc']
             selector = record.get('val_pgd_acc', record['test_pgd_acc'])  # test only when there is no val split
-            if selector > best['val_pgd_acc']:
-                best = {'val_pgd_acc': selector, 'epoch': epoch}
-                checkpoint.save(os.path.join(run_dir, 'checkpoints', 'best.pt'), model=model, params=params,
-                                epoch=epoch, with_rng=False)
-        checkpoint.save(os.path.join(run_dir, 'checkpoints', 'last.pt'), model=model, params=params, epoch=epoch,
-                        optimizer=optimizer, soft_labels=soft_labels, best=best)
-        metrics.append(record)
-        log(epoch_line(record))
-        epochs_this_run += 1
-        if cfg.training.stop_after and epochs_this_run >= cfg.training.stop_after and epoch < cfg.training.epochs:
-            log(f'{run_dir}: stopped after {epochs_this_run} epochs (training.stop_after); resume to continue')
-            return run_dir
-    final_table(cfg, model, loaders, run_dir, params, best, device, log)
-    return run_dir
+            if selector > self.best['val_pgd_acc']:
+                self.best = {'val_pgd_acc': selector, 'epoch': epoch}
+                checkpoint.save(os.path.join(self.run_dir, 'checkpoints', 'best.pt'), model=self.model,
+                                params=self.params, epoch=epoch, with_rng=False)
+        checkpoint.save(os.path.join(self.run_dir, 'checkpoints', 'last.pt'), model=self.model, params=self.params,
+                        epoch=epoch, optimizer=self.optimizer, soft_labels=self.soft_labels, best=self.best)
+        self.metrics.append(record)
+        self.log(epoch_line(record))
+        self.epochs_this_run += 1
+        stop_after = cfg.training.stop_after
+        if stop_after and self.epochs_this_run >= stop_after and epoch < cfg.training.epochs:
+            self.log(f'{self.run_dir}: stopped after {self.epochs_this_run} epochs (training.stop_after); '
+                     'resume to continue')
+            return True
+        return False
+
+    def finish(self):
+        final_table(self.cfg, self.model, self.loaders, self.run_dir, self.params, self.best, self.device, self.log)
+
+
+def train(cfg, log=print):
+    """Train one run to the end (or to training.stop_after epochs); returns its folder."""
+    device = resolve_device(cfg.training.device)
+    run = Run(cfg, device, log, graphed=uses_graphs(cfg, device))
+    step, net, autocast = make_step(cfg, run.model, device, log)
+    run.restore()
+    for epoch in range(run.start, cfg.training.epochs + 1):
+        lr = run.begin_epoch(epoch)
+        meter = EpochMeter(device)
+        t0 = time.perf_counter()
+        bar = progress_bar(cfg, run.loaders.train, epoch)
+        for i, (x, _, idx) in enumerate(bar):
+            y = run.labels[idx]  # the (possibly noise-corrupted) label of each image, by index
+            step(run.optimizer, x, y, idx, method=run.method, attack=run.attack, soft_labels=run.soft_labels,
+                 epoch=epoch, meter=meter)
+            if not bar.disable and i % 20 == 19:  # a host read, so only for a visible bar, and rarely
+                bar.set_postfix(loss=f'{meter.sums[0].item() / meter.images:.4f}',
+                                img_s=f'{meter.images / (time.perf_counter() - t0):.0f}')
+            if i == 0 and run.epochs_this_run == 0 and cfg.training.engine == 'fast':
+                meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
+                log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')
+        if run.end_epoch(epoch, lr, meter, time.perf_counter() - t0, net, autocast):
+            return run.run_dir
+    run.finish()
+    return run.run_dir
 
 
 def epoch_line(r):
