@@ -170,6 +170,8 @@ def declare(config):
         dir=P(str, 'runs', 'parent folder of run folders'),
         name=P(str, '', 'run folder name ("" = <dataset>-<arch>-<method>-s<seed>)'),
         overwrite=P(bool, False, 'start afresh in an existing run folder'),
+        tensorboard=P(bool, True, 'also write the per-epoch metrics as TensorBoard scalars (<run>/tensorboard/), '
+                      'when the tensorboard package is installed'),
     )
 
 

@@ -35,7 +35,7 @@ DEFAULT_AUGMENT = {'fashion-mnist': 'none'}  # CIFAR and synthetic: crop + flip,
 # Keys that may change between a run and its resumption without changing what is computed so far.
 RESUMABLE_CHANGES = ('training.resume', 'training.stop_after', 'training.progress', 'training.epochs',
                      'training.device', 'data.dir', 'data.source', 'data.download', 'data.force', 'output.dir',
-                     'output.overwrite', 'evaluation.')
+                     'output.overwrite', 'output.tensorboard', 'evaluation.')
 
 
 def resolve_device(name):
@@ -194,7 +194,7 @@ class Run:
         self.labels = corrupt_labels(labels_by_index(train_path), n_cls, m.label_noise, m.noise_rate,
                                      m.noise_seed).to(device)
         self.soft_labels = SoftLabels(self.labels, n_cls) if self.method.name.startswith('sgls') else None
-        self.metrics = MetricsLog(os.path.join(self.run_dir, 'metrics.jsonl'))
+        self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.output.tensorboard)
         self.best, self.start, self.epochs_this_run = {'val_pgd_acc': -1.0, 'epoch': 0}, 1, 0
 
     def restore(self):

@@ -17,6 +17,7 @@ from engine.methods import Method
 from engine.models import build_model
 from engine.soft_labels import SoftLabels
 from engine.step import EpochMeter, FastStep, make_sgd, set_lr, train_step
+from tests.synthetic import synthetic_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -52,13 +53,7 @@ def exact_fp32():
 
 
 def batches(device):
-    g = torch.Generator().manual_seed(0)
-    centers = torch.rand(CLASSES, 3, 1, 1, generator=g)
-    y = torch.randint(0, CLASSES, (STEPS, BATCH), generator=g)
-    x = (centers[y] + 0.2 * torch.randn(STEPS, BATCH, 3, 32, 32, generator=g)).clamp(0, 1)
-    idx = torch.stack([torch.randperm(STEPS * BATCH, generator=g)[:BATCH] for _ in range(STEPS)])
-    labels = torch.zeros(STEPS * BATCH, dtype=torch.int64)
-    labels[idx.flatten()] = y.flatten()
+    x, y, idx, labels = synthetic_batches(0, steps=STEPS, batch=BATCH, classes=CLASSES, size=32)
     return x.to(device), y.to(device), idx.to(device), labels.to(device)
 
 

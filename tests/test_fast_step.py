@@ -16,20 +16,14 @@ from engine.methods import Method
 from engine.models import build_model
 from engine.soft_labels import SoftLabels
 from engine.step import EpochMeter, FastStep, train_step
+from tests.synthetic import synthetic_batches
 
 STEPS, BATCH, CLASSES = 12, 32, 4
 ATTACK = dict(eps=16 / 255, step_size=8 / 255, steps=3, bn_mode='eval')
 
 
 def batches():
-    g = torch.Generator().manual_seed(0)
-    centers = torch.rand(CLASSES, 3, 1, 1, generator=g)
-    y = torch.randint(0, CLASSES, (STEPS, BATCH), generator=g)
-    x = (centers[y] + 0.2 * torch.randn(STEPS, BATCH, 3, 16, 16, generator=g)).clamp(0, 1)
-    idx = torch.stack([torch.randperm(STEPS * BATCH, generator=g)[:BATCH] for _ in range(STEPS)])
-    labels = torch.zeros(STEPS * BATCH, dtype=torch.int64)
-    labels[idx.flatten()] = y.flatten()
-    return x, y, idx, labels
+    return synthetic_batches(0, steps=STEPS, batch=BATCH, classes=CLASSES)
 
 
 def trainee(labels):

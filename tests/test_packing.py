@@ -25,6 +25,7 @@ from engine.packing import (pack_inputs, pack_models, pack_optimizer_state, pack
                             unpack_optimizer_state, unpack_state)
 from engine.soft_labels import SoftLabels
 from engine.step import EpochMeter, train_step
+from tests.synthetic import synthetic_batches
 
 STEPS, BATCH, CLASSES = 20, 32, 4
 ATTACK = dict(eps=16 / 255, step_size=8 / 255, steps=3, bn_mode='eval')
@@ -37,13 +38,7 @@ def epoch_of(step):
 
 def seed_data(seed, dtype):
     """Each seed's own batches (its own data order), as its own loader would give them."""
-    g = torch.Generator().manual_seed(100 + seed)
-    centers = torch.rand(CLASSES, 3, 1, 1, generator=g)
-    y = torch.randint(0, CLASSES, (STEPS, BATCH), generator=g)
-    x = (centers[y] + 0.2 * torch.randn(STEPS, BATCH, 3, 16, 16, generator=g)).clamp(0, 1)
-    idx = torch.stack([torch.randperm(STEPS * BATCH, generator=g)[:BATCH] for _ in range(STEPS)])
-    labels = torch.zeros(STEPS * BATCH, dtype=torch.int64)
-    labels[idx.flatten()] = y.flatten()
+    x, y, idx, labels = synthetic_batches(100 + seed, steps=STEPS, batch=BATCH, classes=CLASSES)
     return x.to(dtype), y, idx, labels
 
 

@@ -1,5 +1,8 @@
-"""The files of one run folder: params.json, metrics.jsonl, final.json and final.md. Writes are atomic where
-a reader could otherwise see half a file; metrics.jsonl is appended a line at a time and flushed."""
+"""The files of one run folder: params.json, metrics.jsonl / metrics.csv / tensorboard/, final.json and
+final.md. Writes are atomic where a reader could otherwise see half a file; metrics.jsonl is appended a line at
+a time and flushed."""
+import csv
+import io
 import json
 import math
 import os
@@ -34,10 +37,18 @@ def write_json_atomic(path, obj):
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per finished epoch."""
+    """A run's per-epoch metrics, one record per finished epoch, in three forms:
+    - metrics.jsonl: one JSON object per line, appended and flushed (the record of truth; compare reads it);
+    - metrics.csv: the same records as a table, rewritten atomically each epoch (columns in order of first
+      appearance; a metric not measured in an epoch is empty);
+    - tensorboard/: TensorBoard scalars (one tag per numeric metric, step = epoch), when `tensorboard` is true and
+      the tensorboard package is installed."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, run_dir, tensorboard=True):
+        self.path = os.path.join(run_dir, 'metrics.jsonl')
+        self.csv_path = os.path.join(run_dir, 'metrics.csv')
+        self.tensorboard_dir = os.path.join(run_dir, 'tensorboard') if tensorboard else None
+        self._board = None
 
     def read(self):
         if not os.path.exists(self.path):
@@ -46,15 +57,38 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
     def truncate_after(self, epoch):
-        """On resume: keep only epochs the checkpoint has (a kill can land between the two writes)."""
+        """Start or resume: keep only the epochs the checkpoint has (a kill can land between the two writes)."""
         kept = [r for r in self.read() if r['epoch'] <= epoch]
         write_text_atomic(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
+        self._write_csv(kept)
+        if self.tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the package is optional
+                self.tensorboard_dir = None
+            else:  # purge_step: a resumed run's events replace those written after its checkpoint
+                self._board = SummaryWriter(self.tensorboard_dir, purge_step=epoch + 1)
 
     def append(self, record):
+        record = _clean(record)
         with open(self.path, 'a') as f:
-            f.write(json.dumps(_clean(record)) + '\n')
+            f.write(json.dumps(record) + '\n')
             f.flush()
             os.fsync(f.fileno())
+        self._write_csv(self.read())
+        if self._board is not None:
+            for key, value in record.items():
+                if key != 'epoch' and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._board.add_scalar(key, value, global_step=record['epoch'])
+            self._board.flush()
+
+    def _write_csv(self, records):
+        columns = list(dict.fromkeys(key for r in records for key in r))
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator='\n')
+        writer.writerow(columns)
+        writer.writerows([['' if r.get(c) is None else r[c] for c in columns] for r in records])
+        write_text_atomic(self.csv_path, buffer.getvalue())
 
 
 def write_final(run_dir, final, table_md):
