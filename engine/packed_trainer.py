@@ -23,7 +23,7 @@ from engine.errors import UserError
 from engine.packing import (pack_models, pack_optimizer_state, packed_train_step, rng_state, seed_stream,
                             unpack_optimizer_state, unpack_state)
 from engine.step import EpochMeter, make_sgd, set_lr
-from engine.trainer import Run, progress_bar, resolve_device
+from engine.trainer import Run, progress_bar, resolve_device, show_progress
 
 # Keys that may differ between the packed runs: what makes them different seeds, and where they write.
 PER_SEED_KEYS = ('training.seed', 'output.name')
@@ -72,12 +72,13 @@ def train_packed(cfgs, log=print):
         meters = [EpochMeter(device) for _ in runs]
         t0 = time.perf_counter()
         bar = progress_bar(cfg, zip(*(r.loaders.train for r in runs)), epoch, total=len(runs[0].loaders.train))
-        for batches in bar:
+        for i, batches in enumerate(bar):
             xs = torch.stack([x for x, _, _ in batches])  # a copy: FFCV may reuse its batch buffers
             idxs = torch.stack([idx for _, _, idx in batches])
             ys = torch.stack([r.labels[idx] for r, (_, _, idx) in zip(runs, batches)])
             packed_train_step(packed, optimizer, xs, ys, idxs, method=method, attack=attack, soft_labels=tables,
                               epoch=epoch, meters=meters, rng_states=streams)
+            show_progress(bar, i, meters, t0)
         seconds = time.perf_counter() - t0
         stop = False
         for k, (run, model_state, optimizer_state) in enumerate(zip(

@@ -139,6 +139,15 @@ def progress_bar(cfg, loader, epoch, total=None):
                 file=sys.stderr, unit='batch', dynamic_ncols=True)
 
 
+def show_progress(bar, i, meters, t0):
+    """Every 20 steps of a visible bar: mean training loss so far (over the meters: packed seeds) and images/s
+    (all meters). A host read, so only then."""
+    if not bar.disable and i % 20 == 19:
+        images = sum(m.images for m in meters)
+        bar.set_postfix(loss=f'{sum(m.sums[0].item() for m in meters) / images:.4f}',
+                        img_s=f'{images / (time.perf_counter() - t0):.0f}')
+
+
 def evaluate_epoch(cfg, model, loaders):
     """Per-epoch clean and PGD accuracy on the test subset and on the validation split."""
     a = cfg.attack
@@ -274,9 +283,7 @@ def train(cfg, log=print):
             y = run.labels[idx]  # the (possibly noise-corrupted) label of each image, by index
             step(run.optimizer, x, y, idx, method=run.method, attack=run.attack, soft_labels=run.soft_labels,
                  epoch=epoch, meter=meter)
-            if not bar.disable and i % 20 == 19:  # a host read, so only for a visible bar, and rarely
-                bar.set_postfix(loss=f'{meter.sums[0].item() / meter.images:.4f}',
-                                img_s=f'{meter.images / (time.perf_counter() - t0):.0f}')
+            show_progress(bar, i, [meter], t0)
             if i == 0 and run.epochs_this_run == 0 and cfg.training.engine == 'fast':
                 meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
                 log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')

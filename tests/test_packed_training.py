@@ -116,3 +116,11 @@ def test_only_seeds_of_one_group_at_one_epoch_are_packed(tmp_path):
     got = [[cfg for _, cfg in together] for together in batches(todo, 2, str(tmp_path))]
     assert got == [['cfg-at0', 'cfg-at4'], ['cfg-at1', 'cfg-at2'], ['cfg-at3'],
                    ['cfg-sgls0', 'cfg-sgls1'], ['cfg-sgls2', 'cfg-sgls3'], ['cfg-sgls4']]
+
+
+@pytest.mark.parametrize('pack', ['1', '2'])
+def test_progress_bar_shows_loss_and_throughput(tmp_path, capsys, pack):
+    run_sweep(tmp_path, 'bar', '--pack', pack, '--training.progress=on', '--training.batch_size=32',
+              '--training.epochs=1', '--evaluation.final_n=64')  # 32 steps: the bar updates at step 20
+    err = capsys.readouterr().err
+    assert 'epoch 1' in err and 'loss=' in err and 'img_s=' in err
