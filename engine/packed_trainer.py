@@ -66,30 +66,34 @@ def train_packed(cfgs, log=print):
     tables = [r.soft_labels for r in runs] if runs[0].soft_labels is not None else None
     log(f'packed {len(runs)} seeds ({", ".join(str(c.training.seed) for c in cfgs)}) as one model')
 
-    for epoch in range(runs[0].start, cfg.training.epochs + 1):
-        lr = [r.begin_epoch(epoch) for r in runs][0]  # each seed's optimizer and loader; one schedule for all
-        set_lr(optimizer, lr)
-        meters = [EpochMeter(device) for _ in runs]
-        t0 = time.perf_counter()
-        bar = progress_bar(cfg, zip(*(r.loaders.train for r in runs)), epoch, total=len(runs[0].loaders.train))
-        for i, batches in enumerate(bar):
-            xs = torch.stack([x for x, _, _ in batches])  # a copy: FFCV may reuse its batch buffers
-            idxs = torch.stack([idx for _, _, idx in batches])
-            ys = torch.stack([r.labels[idx] for r, (_, _, idx) in zip(runs, batches)])
-            packed_train_step(packed, optimizer, xs, ys, idxs, method=method, attack=attack, soft_labels=tables,
-                              epoch=epoch, meters=meters, rng_states=streams)
-            show_progress(bar, i, meters, t0)
-        seconds = time.perf_counter() - t0
-        stop = False
-        for k, (run, model_state, optimizer_state) in enumerate(zip(
-                runs, unpack_state(packed), unpack_optimizer_state(optimizer.state_dict(), len(runs)))):
-            run.model.load_state_dict(model_state)
-            run.optimizer.load_state_dict(optimizer_state)
-            with seed_stream(streams, k, device):  # evaluation noise and the checkpoint's RNG state: seed k's
-                stop = run.end_epoch(epoch, lr, meters[k], seconds, run.model, contextlib.nullcontext) or stop
-        if stop:
-            return [r.run_dir for r in runs]
-    for k, run in enumerate(runs):
-        with seed_stream(streams, k, device):
-            run.finish()
+    try:
+        for epoch in range(runs[0].start, cfg.training.epochs + 1):
+            lr = [r.begin_epoch(epoch) for r in runs][0]  # each seed's optimizer and loader; one schedule for all
+            set_lr(optimizer, lr)
+            meters = [EpochMeter(device) for _ in runs]
+            t0 = time.perf_counter()
+            bar = progress_bar(cfg, zip(*(r.loaders.train for r in runs)), epoch, total=len(runs[0].loaders.train))
+            for i, batches in enumerate(bar):
+                xs = torch.stack([x for x, _, _ in batches])  # a copy: FFCV may reuse its batch buffers
+                idxs = torch.stack([idx for _, _, idx in batches])
+                ys = torch.stack([r.labels[idx] for r, (_, _, idx) in zip(runs, batches)])
+                packed_train_step(packed, optimizer, xs, ys, idxs, method=method, attack=attack, soft_labels=tables,
+                                  epoch=epoch, meters=meters, rng_states=streams)
+                show_progress(bar, i, meters, t0)
+            seconds = time.perf_counter() - t0
+            stop = False
+            for k, (run, model_state, optimizer_state) in enumerate(zip(
+                    runs, unpack_state(packed), unpack_optimizer_state(optimizer.state_dict(), len(runs)))):
+                run.model.load_state_dict(model_state)
+                run.optimizer.load_state_dict(optimizer_state)
+                with seed_stream(streams, k, device):  # evaluation noise and the checkpoint's RNG state: seed k's
+                    stop = run.end_epoch(epoch, lr, meters[k], seconds, run.model, contextlib.nullcontext) or stop
+            if stop:
+                return [r.run_dir for r in runs]
+        for k, run in enumerate(runs):
+            with seed_stream(streams, k, device):
+                run.finish()
+    finally:
+        for run in runs:
+            run.metrics.close()
     return [r.run_dir for r in runs]

@@ -73,6 +73,8 @@ def epochs_done(run_dir):
 def batches(todo, pack, out_dir):
     """The unfinished runs as lists to train together: up to `pack` seeds of one group that resume from the same
     epoch (a list of one trains alone)."""
+    if pack == 1:  # nothing to group: no checkpoint needs reading, and the runs keep the sweep's order
+        return [[(name, cfg)] for name, cfg, _ in todo]
     groups = {}
     for name, cfg, group in todo:
         groups.setdefault((group, epochs_done(os.path.join(out_dir, name))), []).append((name, cfg))

@@ -274,23 +274,26 @@ def train(cfg, log=print):
     run = Run(cfg, device, log, graphed=uses_graphs(cfg, device))
     step, net, autocast = make_step(cfg, run.model, device, log)
     run.restore()
-    for epoch in range(run.start, cfg.training.epochs + 1):
-        lr = run.begin_epoch(epoch)
-        meter = EpochMeter(device)
-        t0 = time.perf_counter()
-        bar = progress_bar(cfg, run.loaders.train, epoch)
-        for i, (x, _, idx) in enumerate(bar):
-            y = run.labels[idx]  # the (possibly noise-corrupted) label of each image, by index
-            step(run.optimizer, x, y, idx, method=run.method, attack=run.attack, soft_labels=run.soft_labels,
-                 epoch=epoch, meter=meter)
-            show_progress(bar, i, [meter], t0)
-            if i == 0 and run.epochs_this_run == 0 and cfg.training.engine == 'fast':
-                meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
-                log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')
-        if run.end_epoch(epoch, lr, meter, time.perf_counter() - t0, net, autocast):
-            return run.run_dir
-    run.finish()
-    return run.run_dir
+    try:
+        for epoch in range(run.start, cfg.training.epochs + 1):
+            lr = run.begin_epoch(epoch)
+            meter = EpochMeter(device)
+            t0 = time.perf_counter()
+            bar = progress_bar(cfg, run.loaders.train, epoch)
+            for i, (x, _, idx) in enumerate(bar):
+                y = run.labels[idx]  # the (possibly noise-corrupted) label of each image, by index
+                step(run.optimizer, x, y, idx, method=run.method, attack=run.attack, soft_labels=run.soft_labels,
+                     epoch=epoch, meter=meter)
+                show_progress(bar, i, [meter], t0)
+                if i == 0 and run.epochs_this_run == 0 and cfg.training.engine == 'fast':
+                    meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
+                    log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')
+            if run.end_epoch(epoch, lr, meter, time.perf_counter() - t0, net, autocast):
+                return run.run_dir
+        run.finish()
+        return run.run_dir
+    finally:
+        run.metrics.close()
 
 
 def epoch_line(r):

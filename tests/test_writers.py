@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import threading
 
 import pytest
 
@@ -37,13 +38,17 @@ def test_jsonl_and_csv_hold_the_same_records_and_truncate_together(tmp_path):
 def test_tensorboard_scalars_per_epoch_replaced_on_resume(tmp_path):
     pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    threads = threading.active_count()
     log = MetricsLog(str(tmp_path))
     log.truncate_after(0)
     for r in RECORDS:
         log.append(r)
+    log.close()
+    assert threading.active_count() == threads, 'a closed log must not leave its writer thread running'
     resumed = MetricsLog(str(tmp_path))
     resumed.truncate_after(1)  # killed after epoch 1's checkpoint: epochs 2 and 3 are trained again
     resumed.append({'epoch': 2, 'lr': 0.1, 'train_loss': 1.25})
+    resumed.close()
     events = EventAccumulator(str(tmp_path / 'tensorboard'))
     events.Reload()
     assert sorted(events.Tags()['scalars']) == ['lr', 'test_pgd_acc', 'train_loss']  # numbers only

@@ -82,6 +82,12 @@ class MetricsLog:
                     self._board.add_scalar(key, value, global_step=record['epoch'])
             self._board.flush()
 
+    def close(self):
+        """Stop the TensorBoard writer's thread and close its file (a sweep runs many runs in one process)."""
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+
     def _write_csv(self, records):
         columns = list(dict.fromkeys(key for r in records for key in r))
         buffer = io.StringIO()
