@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import ConfigError
+from engine.precision import upcast
 
 LOSSES = ('ce', 'kl', 'cw')
 STARTS = ('uniform', 'normal', 'none')
@@ -50,7 +51,7 @@ def _bn_context(model: nn.Module, bn_mode: str):
 
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = CW_KAPPA) -> torch.Tensor:
     """Summed CW margin: max_{j != y} z_j - z_y, clamped at kappa (higher = more adversarial)."""
-    logits = logits.float()
+    logits = upcast(logits)
     true_class = F.one_hot(y, logits.shape[1]).bool()
     true_logit = logits.gather(1, y[:, None]).squeeze(1)
     best_other = logits.masked_fill(true_class, float('-inf')).amax(dim=1)
@@ -60,7 +61,7 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = CW_KAPP
 def _attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, p_clean: torch.Tensor | None) -> torch.Tensor:
     # Losses are summed, not averaged: the sign of the gradient is the same, and a sum keeps per-example
     # gradients from underflowing when the backward pass runs in half precision under autocast.
-    logits = logits.float()
+    logits = upcast(logits)
     if loss == 'ce':
         return F.cross_entropy(logits, y, reduction='sum')
     if loss == 'kl':
@@ -101,8 +102,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
         if loss == 'kl':
             if p_clean is None:
                 with torch.no_grad():
-                    p_clean = F.softmax(model(x).float(), dim=1)
-            p_clean = p_clean.detach().float()
+                    p_clean = F.softmax(upcast(model(x)), dim=1)
+            p_clean = upcast(p_clean.detach())
         x_adv = _random_start(x, eps, start)
         lower, upper = x - eps, x + eps
         for _ in range(steps):

@@ -147,7 +147,9 @@ def declare(config):
         progress=P(str, 'auto', 'progress bar: auto = only on a terminal', choices=('auto', 'on', 'off')),
         engine=P(str, 'eager', 'eager: the reference step; fast: compiled, channels-last, mixed precision',
                  choices=('eager', 'fast')),
-        precision=P(str, 'auto', 'fast engine: auto = bf16 on GPU, fp32 on CPU', choices=('auto', 'fp32', 'bf16', 'fp16')),
+        precision=P(str, 'auto', 'fp32 | fp64 (weights, data and losses in float64: exact comparisons) | bf16 / fp16 '
+                    '(fast engine: autocast); auto = bf16 on GPU with the fast engine, else fp32',
+                    choices=('auto', 'fp32', 'fp64', 'bf16', 'fp16')),
         channels_last=P(bool, True, 'fast engine: channels-last memory format'),
         compile=P(bool, True, 'fast engine: torch.compile the model'),
         cuda_graphs=P(bool, True, 'fast engine on a GPU: capture the whole step as CUDA graphs and replay them '

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.precision import upcast
+
 
 @dataclass(frozen=True)
 class Method:
@@ -37,40 +39,40 @@ class Method:
 
 def soft_cross_entropy(logits, target):
     """Mean over the batch of -sum_c target_c * log softmax(logits)_c."""
-    return torch.sum(-F.log_softmax(logits.float(), dim=1) * target, dim=1).mean()
+    return torch.sum(-F.log_softmax(upcast(logits), dim=1) * target, dim=1).mean()
 
 
 def trades_kl(logits_adv, logits_clean):
     """TRADES robust term: KL(p_clean || p_adv), summed over classes, averaged over the batch."""
-    return F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_clean.float(), dim=1),
+    return F.kl_div(F.log_softmax(upcast(logits_adv), dim=1), F.softmax(upcast(logits_clean), dim=1),
                     reduction='batchmean')
 
 
 def sgls_target(method, soft_labels, idx, y, logits_clean, logits_adv):
     """EMA-update the soft labels of this batch from lam*p(x) + (1-lam)*p(x_adv); return the training target."""
     T = method.temperature
-    p_clean = F.softmax(logits_clean.detach().float() / T, dim=1)
-    p_adv = F.softmax(logits_adv.detach().float() / T, dim=1)
+    p_clean = F.softmax(upcast(logits_clean.detach()) / T, dim=1)
+    p_adv = F.softmax(upcast(logits_adv.detach()) / T, dim=1)
     t = soft_labels.update(idx, method.lam * p_clean + (1 - method.lam) * p_adv, method.alpha)
     if method.r == 1.0:
         return t
-    return method.r * t + (1 - method.r) * F.one_hot(y, t.shape[1]).float()
+    return method.r * t + (1 - method.r) * F.one_hot(y, t.shape[1]).to(t.dtype)
 
 
 def loss_ce(method, model, x, x_adv, y, idx, soft_labels, epoch):
     logits = model(x)
-    return F.cross_entropy(logits.float(), y), logits
+    return F.cross_entropy(upcast(logits), y), logits
 
 
 def loss_at(method, model, x, x_adv, y, idx, soft_labels, epoch):
     logits_adv = model(x_adv)
-    return F.cross_entropy(logits_adv.float(), y), logits_adv
+    return F.cross_entropy(upcast(logits_adv), y), logits_adv
 
 
 def loss_sgls(method, model, x, x_adv, y, idx, soft_labels, epoch):
     logits_adv = model(x_adv)
     if not method.soft_labels_active(epoch):
-        return F.cross_entropy(logits_adv.float(), y), logits_adv
+        return F.cross_entropy(upcast(logits_adv), y), logits_adv
     with torch.no_grad():  # the official code's clean forward: train mode (BN statistics update), no graph needed
         logits_clean = model(x)
     target = sgls_target(method, soft_labels, idx, y, logits_clean, logits_adv)
@@ -79,7 +81,7 @@ def loss_sgls(method, model, x, x_adv, y, idx, soft_labels, epoch):
 
 def loss_trades(method, model, x, x_adv, y, idx, soft_labels, epoch):
     logits_clean, logits_adv = model(x), model(x_adv)
-    return F.cross_entropy(logits_clean.float(), y) + method.beta * trades_kl(logits_adv, logits_clean), logits_adv
+    return F.cross_entropy(upcast(logits_clean), y) + method.beta * trades_kl(logits_adv, logits_clean), logits_adv
 
 
 def loss_sgls_trades(method, model, x, x_adv, y, idx, soft_labels, epoch):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from engine.attacks import _attack_loss, _bn_context, _random_start
 from engine.methods import LOSSES
 from engine.models import Normalize
+from engine.precision import upcast
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -236,7 +237,7 @@ def packed_pgd(packed, xs, ys, *, eps, step_size, steps, loss='ce', start='unifo
         p_clean = None
         if loss == 'kl':  # before the start, as pgd: with bn_mode 'train' this forward moves the BN statistics
             with torch.no_grad():
-                p_clean = F.softmax(packed(x).float(), dim=2).reshape(b * k, -1)
+                p_clean = F.softmax(upcast(packed(x)), dim=2).reshape(b * k, -1)
         starts = []
         for seed in range(k):
             with seed_stream(rng_states, seed, xs.device):

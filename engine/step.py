@@ -11,15 +11,15 @@ import torch
 from engine.attacks import pgd
 from engine.errors import ConfigError
 from engine.methods import LOSSES
+from engine.precision import AUTOCAST, resolve_precision, upcast
 
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 FP16_ATTACK_LOSS_SCALE = 1024.0  # keeps fp16 input gradients from underflowing; PGD only uses their sign
 
 
 def step_stats(loss, robust_correct, clean_correct, grad_norm, n):
     """A step's metrics as one [4] float64 device vector: loss x n, robust-correct, clean-correct, grad-norm."""
-    return torch.stack([loss.detach().float() * n, robust_correct.float(), clean_correct.float(),
-                        grad_norm.float()]).double()
+    return torch.stack([upcast(loss.detach()) * n, upcast(robust_correct), upcast(clean_correct),
+                        upcast(grad_norm)]).double()
 
 
 class EpochMeter:
@@ -108,12 +108,6 @@ def set_lr(optimizer, lr):
             group['lr'] = lr
 
 
-def resolve_precision(name, device):
-    if name == 'auto':
-        return 'bf16' if device.type == 'cuda' else 'fp32'
-    return name
-
-
 class FastStep:
     """train_step with the speed-ups of training.engine=fast, each switchable for benchmarks: channels-last
     memory format, autocast at `precision`, torch.compile of the model, and (cuda_graphs, on a GPU) the whole
@@ -128,7 +122,7 @@ class FastStep:
         if device.type == 'cuda':  # fixed batch shapes: cuDNN's autotuner measures each convolution once
             torch.backends.cudnn.benchmark = True
         self.net = torch.compile(model) if compile else model
-        dtype = PRECISIONS[self.precision]
+        dtype = AUTOCAST.get(self.precision)
         self.graphed = None
         if cuda_graphs and device.type == 'cuda':
             if dtype is torch.float16:

@@ -22,6 +22,7 @@ from engine.errors import UserError
 from engine.evaluate import evaluate, format_table
 from engine.methods import Method, corrupt_labels
 from engine.models import build_model
+from engine.precision import param_dtype, resolve_precision
 from engine.soft_labels import SoftLabels
 from engine.step import EpochMeter, FastStep, attack_cfg_kwargs, make_sgd, set_lr, train_step
 from writers.run_files import MetricsLog, write_final, write_json_atomic, write_text_atomic
@@ -90,8 +91,12 @@ def open_data(cfg, device, log=print):
                            eval_batch_size=cfg.evaluation.batch_size, device=device, seed=cfg.training.seed,
                            val_size=d.val_size, split_seed=d.split_seed, train_limit=d.train_limit,
                            crop_padding=d.crop_padding if 'crop' in augment else 0, flip='flip' in augment,
-                           num_workers=d.num_workers)
+                           num_workers=d.num_workers, dtype=dtype_of(cfg, device))
     return loaders, train_path
+
+
+def dtype_of(cfg, device):
+    return param_dtype(resolve_precision(cfg.training.precision, device, cfg.training.engine))
 
 
 def build(cfg, in_channels, device):
@@ -101,7 +106,7 @@ def build(cfg, in_channels, device):
     std = tuple(float(v) for v in m.std.split(',')) if m.std else stats[1]
     model = build_model(m.arch, num_classes_of(d), in_channels=in_channels, width=m.width,
                         normalize=m.normalize, mean=mean, std=std)
-    return model.to(device)
+    return model.to(device, dtype_of(cfg, device))
 
 
 def run_dir_of(cfg):
@@ -202,7 +207,7 @@ class Run:
         n_cls = num_classes_of(cfg.data)
         self.labels = corrupt_labels(labels_by_index(train_path), n_cls, m.label_noise, m.noise_rate,
                                      m.noise_seed).to(device)
-        self.soft_labels = SoftLabels(self.labels, n_cls) if self.method.name.startswith('sgls') else None
+        self.soft_labels = SoftLabels(self.labels, n_cls, dtype_of(cfg, device)) if self.method.name.startswith('sgls') else None
         self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.output.tensorboard)
         self.best, self.start, self.epochs_this_run = {'val_pgd_acc': -1.0, 'epoch': 0}, 1, 0
 

@@ -152,8 +152,9 @@ class _EpochGate:
 class GpuTrainLoader(_EpochGate):
     """Shuffled, augmented, drop_last batches of `positions` from images (N, C, H, W) uint8 already on device."""
 
-    def __init__(self, images, labels, positions, *, batch_size: int, seed: int, crop_padding: int, flip: bool):
-        self.images, self.labels, self.positions = images, labels, positions
+    def __init__(self, images, labels, positions, *, batch_size: int, seed: int, crop_padding: int, flip: bool,
+                 dtype=torch.float32):
+        self.images, self.labels, self.positions, self.dtype = images, labels, positions, dtype
         self.batch_size, self.seed, self.crop_padding, self.flip = batch_size, seed, crop_padding, flip
 
     def __len__(self):
@@ -177,14 +178,15 @@ class GpuTrainLoader(_EpochGate):
             if shifts is not None or flips is not None:
                 images = crop_and_flip(images, None if shifts is None else shifts[start:start + size],
                                        None if flips is None else flips[start:start + size], pad)
-            yield images.float().div_(255), self.labels[batch], batch
+            yield images.to(self.dtype).div_(255), self.labels[batch], batch
 
 
 class GpuEvalLoader:
     """Sequential batches of `positions`, no augmentation, last batch kept even if partial."""
 
-    def __init__(self, images, labels, positions, *, batch_size: int):
+    def __init__(self, images, labels, positions, *, batch_size: int, dtype=torch.float32):
         self.images, self.labels, self.positions, self.batch_size = images, labels, positions, batch_size
+        self.dtype = dtype
 
     def __len__(self):
         return math.ceil(len(self.positions) / self.batch_size)
@@ -192,14 +194,14 @@ class GpuEvalLoader:
     def __iter__(self):
         for start in range(0, len(self.positions), self.batch_size):
             batch = self.positions[start:start + self.batch_size]
-            yield self.images[batch].float().div_(255), self.labels[batch], batch
+            yield self.images[batch].to(self.dtype).div_(255), self.labels[batch], batch
 
 
 class FfcvEvalLoader:
     """An ffcv Loader whose batches are converted and copied out of ffcv's buffers."""
 
-    def __init__(self, loader: Loader):
-        self.loader = loader
+    def __init__(self, loader: Loader, dtype=torch.float32):
+        self.loader, self.dtype = loader, dtype
 
     def __len__(self):
         return len(self.loader)
@@ -207,12 +209,11 @@ class FfcvEvalLoader:
     def __iter__(self):
         return self._batches(iter(self.loader))
 
-    @staticmethod
-    def _batches(ffcv_batches):
+    def _batches(self, ffcv_batches):
         # ffcv refills the same buffers a few batches later: every tensor handed out must be a fresh copy
         # (the float conversion copies the images).
         for images, labels, indices in ffcv_batches:
-            yield (images.float().div_(255), labels.reshape(-1).to(torch.int64, copy=True),
+            yield (images.to(self.dtype).div_(255), labels.reshape(-1).to(torch.int64, copy=True),
                    indices.reshape(-1).to(torch.int64, copy=True))
 
 
@@ -257,7 +258,8 @@ def _on_device(path: str, shape: tuple, device: torch.device) -> tuple[torch.Ten
 
 def make_loaders(train_path: str, test_path: str, *, kind: str = 'gpu', batch_size: int = 128,
                  eval_batch_size: int = 512, device='cpu', seed: int = 0, val_size: int = 1000, split_seed: int = 0,
-                 train_limit: int = 0, crop_padding: int = 4, flip: bool = True, num_workers: int = 2) -> Loaders:
+                 train_limit: int = 0, crop_padding: int = 4, flip: bool = True, num_workers: int = 2,
+                 dtype=torch.float32) -> Loaders:
     """Train (shuffled, augmented, drop_last), val (held out of the train beton) and test loaders."""
     if kind not in KINDS:
         raise ConfigError(f'loader kind {kind!r}: choose one of {", ".join(KINDS)}.')
@@ -275,16 +277,17 @@ def make_loaders(train_path: str, test_path: str, *, kind: str = 'gpu', batch_si
         train_images, train_labels = _on_device(train_path, train_info.shape, device)
         test_images, test_labels = _on_device(test_path, train_info.shape, device)
         train = GpuTrainLoader(train_images, train_labels, torch.from_numpy(train_idx).to(device),
-                               batch_size=batch_size, seed=seed, crop_padding=crop_padding, flip=flip)
+                               batch_size=batch_size, seed=seed, crop_padding=crop_padding, flip=flip, dtype=dtype)
         val = GpuEvalLoader(train_images, train_labels, torch.from_numpy(val_idx).to(device),
-                            batch_size=eval_batch_size) if val_size else None
+                            batch_size=eval_batch_size, dtype=dtype) if val_size else None
         test = GpuEvalLoader(test_images, test_labels, torch.arange(test_info.n, device=device),
-                             batch_size=eval_batch_size)
+                             batch_size=eval_batch_size, dtype=dtype)
     else:
         common = dict(seed=seed, crop_padding=crop_padding, flip=flip, device=device, num_workers=num_workers)
-        train = FfcvTrainLoader(_ffcv_loader(train_info, train_idx, train=True, batch_size=batch_size, **common))
+        train = FfcvTrainLoader(_ffcv_loader(train_info, train_idx, train=True, batch_size=batch_size, **common), dtype)
         val = FfcvEvalLoader(_ffcv_loader(train_info, val_idx, train=False, batch_size=eval_batch_size,
-                                          **common)) if val_size else None
-        test = FfcvEvalLoader(_ffcv_loader(test_info, None, train=False, batch_size=eval_batch_size, **common))
+                                          **common), dtype) if val_size else None
+        test = FfcvEvalLoader(_ffcv_loader(test_info, None, train=False, batch_size=eval_batch_size, **common),
+                              dtype)
     return Loaders(train, val, test, train_info.n, train_info.shape,
                    torch.from_numpy(train_idx), torch.from_numpy(val_idx))
