@@ -38,16 +38,16 @@ def main(argv):
     if command == 'convert':
         files, rest = config.take_options(args, '-C', '--config-file')
         cfg = config.load(files, rest)  # config errors before the heavy imports
-        from engine.trainer import convert_data
+        from engine.train.build import convert_data
         train_path, test_path = convert_data(cfg)
         print(f'{train_path}\n{test_path}')
     elif command == 'train':
         files, rest = config.take_options(args, '-C', '--config-file')
         cfg = config.load(files, rest)
-        from engine.trainer import train
+        from engine.train.loop import train
         train(cfg)
     elif command == 'eval':
-        from engine.trainer import eval_checkpoint
+        from engine.train.final import eval_checkpoint
         path, rest = take_option(args, '--checkpoint')
         if path is None:
             raise UserError('eval needs --checkpoint PATH')

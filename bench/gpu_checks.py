@@ -25,7 +25,8 @@ from engine import checkpoint, config  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
 from engine.stats import summary, welch  # noqa: E402
 from engine.sweep import parse_seeds  # noqa: E402
-from engine.trainer import build, open_data, train  # noqa: E402
+from engine.train.build import attack_budget, model_of, open_data  # noqa: E402
+from engine.train.loop import train  # noqa: E402
 
 DEMO = 'configs/fashion_mnist_demo.yaml'
 
@@ -43,10 +44,10 @@ def strength(a, log):
                         f'--output.dir={a.out}/runs', '--output.name=strength-resnet18'], log)
     device = torch.device('cuda')
     loaders, _ = open_data(cfg, device, log)
-    model = build(cfg, loaders.image_shape[0], device)
+    model = model_of(cfg, loaders.image_shape[0], device)
     model.load_state_dict(checkpoint.load(os.path.join(run_dir, 'checkpoints', 'last.pt'), device)['model'])
-    common = dict(attacks=('clean', 'pgd'), eps=cfg.attack.eps / 255, step_size=cfg.attack.step_size / 255,
-                  pgd_steps=20)
+    budget = attack_budget(cfg)  # eps and step in pixel units
+    common = dict(attacks=('clean', 'pgd'), eps=budget['eps'], step_size=budget['step_size'], pgd_steps=20)
     results = {}
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     for precision in ('fp32', 'bf16'):

@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from engine.data import SyntheticSpec, make_loaders, read_beton  # noqa: E402
 from engine.data.convert import convert  # noqa: E402
+from engine.data.loaders import make_loaders, read_beton  # noqa: E402
+from engine.data.sources import SyntheticSpec  # noqa: E402
 
 
 class InMemoryPIL(torch.utils.data.Dataset):

@@ -4,10 +4,11 @@
                             [--method at|sgls] [--steps N] [--warmup N] [--pgd-steps N] [--tiny] [--out results.json]
 
 For each K, in one process on one device, on the same synthetic CIFAR-shaped batches (each seed its own):
-  packed   engine.packing.packed_train_step on pack_models of K models (K x batch images per step)
+  packed   engine.step.train_step with seeds=engine.packing.PackedSeeds on pack_models of K models (K x batch
+           images per step)
   singles  engine.step.train_step on each of the same K models in turn, as many steps each (the same total work)
-Both are the eager fp32 step (packed_train_step reproduces train_step, not the compiled bf16 FastStep), with
-cudnn.benchmark on for both. Each side runs --warmup untimed steps per model, then --steps timed steps, with
+Both are the eager fp32 step (packed seeds train with the eager step, not the compiled bf16 engine.fast.FastStep),
+with cudnn.benchmark on for both. Each side runs --warmup untimed steps per model, then --steps timed steps, with
 torch.cuda.synchronize before each clock read on CUDA. Throughput is per-seed images/s summed over the K seeds;
 speed-up = packed / singles. Prints the Markdown table, and the JSON (to --out if given, else to stdout).
 --tiny is a CPU smoke test (width 8, 16x16, batch 32, PGD-2, ks 1,2,4, 1 + 3 steps), not a benchmark.
@@ -30,11 +31,11 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from bench.loaders import cpu_model  # noqa: E402
-from engine.methods import Method  # noqa: E402
+from engine.methods import METHODS, make_method  # noqa: E402
 from engine.models import build_model  # noqa: E402
-from engine.packing import pack_models, packed_train_step, rng_state  # noqa: E402
+from engine.packing import PackedSeeds, pack_models, rng_state  # noqa: E402
 from engine.soft_labels import SoftLabels  # noqa: E402
-from engine.step import EpochMeter, train_step  # noqa: E402
+from engine.step import train_step  # noqa: E402
 
 CLASSES = 10
 EPS, STEP_SIZE = 8 / 255, 2 / 255
@@ -47,7 +48,8 @@ PROFILES = {  # what each unset option means; --tiny picks the second
 
 
 def seeds_setup(a, k, device):
-    """K models (seeds 0..K-1, built as the trainer does), their optimizers' settings, data, tables and streams."""
+    """K models (seeds 0..K-1, built as engine.train.loop.train_packed does: each seed's stream taken after its
+    torch.manual_seed and model construction), data, soft-label tables and streams."""
     models, streams = [], []
     for seed in range(k):
         torch.manual_seed(seed)
@@ -78,22 +80,30 @@ def timed(step, warmup, steps, device):
     return time.perf_counter() - start
 
 
+def summed(total, step):
+    """A step() that adds each step's [K, 4] statistics into `total` on the device, as the epoch loop does."""
+    def run():
+        total.add_(step())
+    return run
+
+
 def run_packed(a, k, device, common):
     models, streams, xs, ys, idxs, soft_labels = seeds_setup(a, k, device)
     packed = pack_models(models)
-    optimizer, meters = sgd(packed.parameters()), [EpochMeter(device) for _ in range(k)]
-    return timed(lambda: packed_train_step(packed, optimizer, xs, ys, idxs, soft_labels=soft_labels, meters=meters,
-                                           rng_states=streams, **common), a.warmup, a.steps, device)
+    optimizer, seeds = sgd(packed.parameters()), PackedSeeds(k, streams)
+    total = torch.zeros(k, 4, dtype=torch.float64, device=device)
+    return timed(summed(total, lambda: train_step(packed, optimizer, (xs, ys, idxs), soft_labels=soft_labels,
+                                                  seeds=seeds, **common)), a.warmup, a.steps, device)
 
 
 def run_singles(a, k, device, common):
     models, _, xs, ys, idxs, soft_labels = seeds_setup(a, k, device)
     seconds = 0.0
     for s, model in enumerate(models):
-        optimizer, meter = sgd(model.parameters()), EpochMeter(device)
+        optimizer, total = sgd(model.parameters()), torch.zeros(1, 4, dtype=torch.float64, device=device)
         table = soft_labels[s] if soft_labels else None
-        seconds += timed(lambda: train_step(model, optimizer, xs[s], ys[s], idxs[s], soft_labels=table, meter=meter,
-                                            **common), a.warmup, a.steps, device)
+        seconds += timed(summed(total, lambda: train_step(model, optimizer, (xs[s], ys[s], idxs[s]),
+                                                          soft_labels=table, **common)), a.warmup, a.steps, device)
     return seconds
 
 
@@ -143,7 +153,8 @@ def main(argv=None):
     a = parse_args(argv)
     device = torch.device(a.device)
     torch.backends.cudnn.benchmark = True  # both sides: grouped and plain convolutions each get their best kernel
-    common = dict(method=Method(a.method, start_epoch=1), epoch=1,
+    sgls_on = {'sgls_start_epoch': 1} if 'sgls_start_epoch' in METHODS[a.method].params else {}  # soft labels on
+    common = dict(method=make_method(a.method, **sgls_on), epoch=1,
                   attack=dict(eps=EPS, step_size=STEP_SIZE, steps=a.pgd_steps, bn_mode='eval'))
     meta = {'date': time.strftime('%Y-%m-%d'), 'device': a.device,
             'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model(),

@@ -16,10 +16,11 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from engine.methods import Method  # noqa: E402
+from engine.fast import FastStep  # noqa: E402
+from engine.methods import METHODS, make_method  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.soft_labels import SoftLabels  # noqa: E402
-from engine.step import EpochMeter, FastStep, make_sgd  # noqa: E402
+from engine.step import make_sgd  # noqa: E402
 
 
 def kernel_class(name):
@@ -47,16 +48,18 @@ def main(argv=None):
     x = torch.rand(a.batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (a.batch,), device=device)
     idx = torch.arange(a.batch, device=device)
-    kw = dict(method=Method(a.method, start_epoch=1), attack=dict(eps=8 / 255, step_size=2 / 255, steps=10,
-              bn_mode='eval'), soft_labels=SoftLabels(y, 10) if a.method == 'sgls' else None, epoch=1,
-              meter=EpochMeter(device))
+    sgls_on = {'sgls_start_epoch': 1} if 'sgls_start_epoch' in METHODS[a.method].params else {}  # soft labels on
+    method = make_method(a.method, **sgls_on)
+    kw = dict(method=method, attack=dict(eps=8 / 255, step_size=2 / 255, steps=10, bn_mode='eval'),
+              soft_labels=SoftLabels(y, 10) if method.soft_labels else None, epoch=1)
+    total = torch.zeros(1, 4, dtype=torch.float64, device=device)  # the steps' statistics, summed as the loop does
     for _ in range(3):
-        step(optimizer, x, y, idx, **kw)
+        total += step(optimizer, (x, y, idx), **kw)
     torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
-            step(optimizer, x, y, idx, **kw)
+            total += step(optimizer, (x, y, idx), **kw)
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -8,10 +8,10 @@ For every arch x batch x method, in one process on one device, on the same synth
                   DataLoader with PIL transforms, fp32 NCHW eager, eval-mode PGD, per-batch .item() of loss and
                   accuracy, loss.backward(retain_graph=True), cudnn.benchmark on (as main_adv.py sets it)
   engine-eager    engine.step.train_step with the kind='gpu' loader, fp32 NCHW (training.engine=eager)
-  +bf16           engine.step.FastStep, bf16 autocast (CUDA only: see BF16_CPU_NOTE)
+  +bf16           engine.fast.FastStep, bf16 autocast (CUDA only: see BF16_CPU_NOTE)
   +channels_last  ... and channels-last tensors
   +compile        ... and torch.compile of the model
-  +cuda_graphs    ... and the whole step captured as CUDA graphs (engine.graphs; CUDA only)
+  +cuda_graphs    ... and the whole step captured as CUDA graphs (engine.cuda_graphs; CUDA only)
 Each row runs --warmup untimed steps (their time, compilation included, is reported as warm-up seconds), then
 --steps timed steps measured with time.perf_counter, with torch.cuda.synchronize before each clock read on CUDA.
 SGLS runs with its soft labels active (start epoch passed), its more expensive phase. The data set is sized so
@@ -44,12 +44,14 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from bench.loaders import InMemoryPIL, cpu_model  # noqa: E402
-from engine.data import SyntheticSpec, make_loaders, read_beton  # noqa: E402
 from engine.data.convert import convert  # noqa: E402
-from engine.methods import Method  # noqa: E402
+from engine.data.loaders import make_loaders, read_beton  # noqa: E402
+from engine.data.sources import SyntheticSpec  # noqa: E402
+from engine.fast import FastStep  # noqa: E402
+from engine.methods import METHODS, make_method  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.soft_labels import SoftLabels  # noqa: E402
-from engine.step import EpochMeter, FastStep, make_sgd, train_step  # noqa: E402
+from engine.step import make_sgd, train_step  # noqa: E402
 
 CLASSES = 10
 EPS, STEP_SIZE = 8 / 255, 2 / 255
@@ -83,6 +85,11 @@ FLOP_FORMULA = ('model FLOP per training image = F x (2K + 3) for AT, F x (2K + 
 
 def model_flop_per_image(forward_flop, method, pgd_steps):
     return forward_flop * (2 * pgd_steps + 3 + (method == 'sgls'))
+
+
+def bench_method(name):
+    """The method `name` as every row runs it: SGLS with its soft labels on from epoch 1 (the rows run epoch 1)."""
+    return make_method(name, **({'sgls_start_epoch': 1} if 'sgls_start_epoch' in METHODS[name].params else {}))
 
 
 def forward_flop(arch, width, image_size):
@@ -132,7 +139,7 @@ def fresh_model(arch, width, device, graphed=False):
     torch.manual_seed(0)  # every row starts from the same weights
     model = build_model(arch, CLASSES, width=width).to(device)
     optimizer = make_sgd(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, device=device,
-                         graphed=graphed)  # as the trainer: a device-tensor learning rate under CUDA graphs
+                         graphed=graphed)  # as engine.train.run_state.Run: a device-tensor lr under CUDA graphs
     return model, optimizer
 
 
@@ -211,22 +218,30 @@ def epochs(loader):
 
 
 def run_engine(a, arch, batch, method, config, betons, labels, device):
-    """The trainer's loop body (engine/trainer.py) for one config; returns (measure(...), mean training loss)."""
+    """The epoch loop's body (engine/train/loop.py, SingleStepper) for one config; returns (measure(...), mean
+    training loss)."""
     name, precision, channels_last, compile, cuda_graphs = config
     loader = make_loaders(*betons, kind='gpu', batch_size=batch, val_size=0, device=device).train
     model, optimizer = fresh_model(arch, a.width, device, graphed=cuda_graphs and device.type == 'cuda')
     if name == 'engine-eager':
-        step = lambda opt, *batch_, **kw: train_step(model, opt, *batch_, **kw)  # noqa: E731, as make_step
+        step = lambda opt, batch_, **kw: train_step(model, opt, batch_, **kw)  # noqa: E731, as SingleStepper
     else:
         step = FastStep(model, device, precision=precision, channels_last=channels_last, compile=compile,
                         cuda_graphs=cuda_graphs)
-    soft_labels = SoftLabels(torch.from_numpy(labels).to(device), CLASSES) if method == 'sgls' else None
-    meter = EpochMeter(device)
-    attack = dict(eps=EPS, step_size=STEP_SIZE, steps=a.pgd_steps, bn_mode='eval')  # as attack_cfg_kwargs
-    common = dict(method=Method(method, start_epoch=1), attack=attack, soft_labels=soft_labels, epoch=1, meter=meter)
-    timing = measure(lambda x, y, idx: step(optimizer, x, y, idx, **common), epochs(loader), a.warmup, a.steps,
-                     device)
-    return timing, meter.read()['train_loss']
+    trained = bench_method(method)
+    soft_labels = SoftLabels(torch.from_numpy(labels).to(device), CLASSES) if trained.soft_labels else None
+    attack = dict(eps=EPS, step_size=STEP_SIZE, steps=a.pgd_steps, bn_mode='eval')  # as build.attack_budget
+    common = dict(method=trained, attack=attack, soft_labels=soft_labels, epoch=1)
+    # The steps' statistics summed on the device and read once at the end, as the loop's EpochMeter.
+    total, images = torch.zeros(1, 4, dtype=torch.float64, device=device), 0
+
+    def one_step(x, y, idx):
+        nonlocal total, images
+        total += step(optimizer, (x, y, idx), **common)  # a graphed step's statistics are refilled by each replay
+        images += y.shape[0]
+
+    timing = measure(one_step, epochs(loader), a.warmup, a.steps, device)
+    return timing, total[0, 0].item() / images  # column 0: loss x n (engine.step.STATS)
 
 
 def plan(device):

@@ -6,6 +6,7 @@ draw from torch's default generator, so saving/restoring its state reproduces th
 """
 import contextlib
 import logging
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -61,15 +62,18 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = CW_KAPP
 def _attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, p_clean: torch.Tensor | None) -> torch.Tensor:
     # Losses are summed, not averaged: the sign of the gradient is the same, and a sum keeps per-example
     # gradients from underflowing when the backward pass runs in half precision under autocast.
-    logits = upcast(logits)
+    # Logits [..., C] with labels [...]: a packed model's [B, K, C] is B*K examples.
+    logits = upcast(logits).reshape(-1, logits.shape[-1])
+    y = y.reshape(-1)
     if loss == 'ce':
         return F.cross_entropy(logits, y, reduction='sum')
     if loss == 'kl':
-        return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction='sum')
+        return F.kl_div(F.log_softmax(logits, dim=1), p_clean.reshape(logits.shape), reduction='sum')
     return cw_margin_loss(logits, y)
 
 
-def _random_start(x: torch.Tensor, eps: float, start: str) -> torch.Tensor:
+def random_start(x: torch.Tensor, eps: float, start: str) -> torch.Tensor:
+    """PGD's starting point: 'uniform' (x + U(-eps, eps) clipped to [0, 1]), 'normal' (x + 0.001 N(0, 1)), 'none'."""
     # Noise is drawn in logical (NCHW) order whatever x's memory format: random generators fill memory in order,
     # so a channels-last x would otherwise give each pixel a different draw than the eager reference path.
     if start == 'uniform':
@@ -83,28 +87,31 @@ def _random_start(x: torch.Tensor, eps: float, start: str) -> torch.Tensor:
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
-        loss: str = 'ce', start: str = 'uniform', bn_mode: str = 'eval',
+        loss: str = 'ce', start: str | Callable = 'uniform', bn_mode: str = 'eval',
         p_clean: torch.Tensor | None = None, loss_scale: float = 1.0) -> torch.Tensor:
     """L-inf PGD. Each step: x_adv = clamp(min(max(x_adv + step_size * sign(grad), x - eps), x + eps), 0, 1).
 
     loss: 'ce' (cross entropy vs y), 'kl' (TRADES: sum KL(p_clean || softmax(f(x_adv))); p_clean defaults
     to softmax(f(x)) computed without grad in the attack's BN mode), 'cw' (margin, see cw_margin_loss).
-    start: 'uniform' (x + U(-eps, eps) clipped to [0, 1]), 'normal' (x + 0.001 N(0, 1)), 'none'.
+    start: 'uniform' (x + U(-eps, eps) clipped to [0, 1]), 'normal' (x + 0.001 N(0, 1)), 'none', or a callable
+    start(x, eps) -> starting point (packed seeds draw each seed's start from its own random stream).
+    The model's logits may be [B, C] or [..., C] with y of shape [...] (packed seeds: [B, K, C] and [B, K]).
     bn_mode: 'eval' runs the attack in eval mode and restores the previous modes; 'train' leaves them.
     loss_scale multiplies the objective before the gradient (fp16: keeps input gradients from underflowing;
     the step uses only their sign). Gradients are taken w.r.t. the input only (parameters' .grad stay
     untouched). Returns a detached tensor of x's dtype, shape and memory format.
     """
     _check_choice('loss', loss, LOSSES)
-    _check_choice('start', start, STARTS)
+    if not callable(start):
+        _check_choice('start', start, STARTS)
     x = x.detach()
     with _bn_context(model, bn_mode):
         if loss == 'kl':
             if p_clean is None:
                 with torch.no_grad():
-                    p_clean = F.softmax(upcast(model(x)), dim=1)
+                    p_clean = F.softmax(upcast(model(x)), dim=-1)
             p_clean = upcast(p_clean.detach())
-        x_adv = _random_start(x, eps, start)
+        x_adv = start(x, eps) if callable(start) else random_start(x, eps, start)
         lower, upper = x - eps, x + eps
         for _ in range(steps):
             x_adv.requires_grad_(True)

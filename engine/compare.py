@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from engine import stats
 from engine.errors import UserError
 from writers import plots, report
-from writers.run_files import write_json_atomic
+from writers.atomic import write_json_atomic
 
 ROWS = ("best", "final")
 ROW_COLUMNS = ("clean", "pgd", "cw", "autoattack", "worst")

@@ -1,10 +1,14 @@
 """Every config field, declared once as fastargs Sections, and a strict loader in front of fastargs.
 
 fastargs 1.2.0 has traps that must never reach a user: a failed validation exits with code 0, `--x False`
-sets True, unknown YAML keys are silently ignored and environment variables beat the command line. So we
-read YAML and the command line ourselves, reject unknown keys (with close matches), convert each value with a
-strict checker, and only then hand the values to a fresh fastargs `Config` (never the environment) for
-validation. Priority: defaults < YAML files (in order) < command line.
+sets True, unknown YAML keys are silently ignored and environment variables beat the command line. So the
+schema is fastargs' (Sections and Params, their checkers, the help), but we read YAML and the command line
+ourselves, reject unknown keys (with close matches) and check every given value once with its Param's checker,
+which also converts it (lists are parsed here, once, into tuples); fastargs' own collection and validation are
+never run and the environment is never read. Priority: defaults < YAML files (in order) < command line.
+
+The choices of data.dataset, model.arch and method.name come from their registries (engine.data.datasets,
+engine.models, engine.methods); the method section's keys are declared next to the losses (methods.PARAMS).
 """
 import difflib
 import json
@@ -12,47 +16,66 @@ import math
 
 import yaml
 from fastargs import Config, Param, Section
+from fastargs.dict_utils import NestedNamespace
 from fastargs.validation import Checker
 
+from engine.attacks import BN_MODES
+from engine.data.datasets import DATASETS
 from engine.errors import ConfigError
-
-DATASETS = ('cifar10', 'cifar100', 'fashion-mnist', 'synthetic')
-ARCHS = ('resnet18', 'preact_resnet18', 'wrn34_10', 'small_cnn')
-METHODS = ('ce', 'at', 'trades', 'sgls', 'sgls_trades')
+from engine.methods import METHODS, PARAMS as METHOD_PARAMS
+from engine.models import ARCHS
+from engine.precision import PRECISIONS
 
 
 class Strict(Checker):
-    """int / float / bool / str that refuse what Python's casts would silently accept (1.5 -> 1, 'False' -> True)."""
+    """int / float / bool / str that refuse what Python's casts would silently accept (1.5 -> 1, 'False' -> True),
+    and lists (kind=tuple, elements of kind `of`) given as a YAML/JSON list or a comma-separated string."""
 
     TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
 
-    def __init__(self, kind, choices=None, low=None, high=None):
+    def __init__(self, kind, choices=None, low=None, high=None, of=None, length=None, increasing=False):
         self.kind, self.choices, self.low, self.high = kind, choices, low, high
+        self.of, self.length, self.increasing = of, length, increasing
 
     def check(self, value):
-        value = self._convert(value)
-        if self.choices is not None and value not in self.choices:
-            raise ValueError
-        if self.low is not None and value < self.low or self.high is not None and value > self.high:
-            raise ValueError
-        return value
+        if self.kind is tuple:
+            if isinstance(value, str):
+                value = [part for part in value.split(',') if part.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            value = tuple(self._scalar(self.of, v) for v in value)
+            if self.length is not None and len(value) != self.length:
+                raise ValueError
+            if self.increasing and list(value) != sorted(value):
+                raise ValueError
+            return value
+        return self._scalar(self.kind, value)
 
-    def _convert(self, v):
-        if self.kind is bool:
+    def _scalar(self, kind, v):
+        v = self._convert(kind, v)
+        if self.choices is not None and v not in self.choices:
+            raise ValueError
+        if self.low is not None and v < self.low or self.high is not None and v > self.high:
+            raise ValueError
+        return v
+
+    @classmethod
+    def _convert(cls, kind, v):
+        if kind is bool:
             if isinstance(v, bool):
                 return v
-            if isinstance(v, str) and v.strip().lower() in self.TRUE + self.FALSE:
-                return v.strip().lower() in self.TRUE
+            if isinstance(v, str) and v.strip().lower() in cls.TRUE + cls.FALSE:
+                return v.strip().lower() in cls.TRUE
             raise ValueError
         if isinstance(v, bool):
             raise ValueError
-        if self.kind is int:
+        if kind is int:
             if isinstance(v, int):
                 return v
             if isinstance(v, str):
                 return int(v.strip())
             raise ValueError
-        if self.kind is float:
+        if kind is float:
             out = float(v) if isinstance(v, (int, float, str)) else None
             if out is None or not math.isfinite(out):
                 raise ValueError
@@ -62,11 +85,16 @@ class Strict(Checker):
         return str(v)
 
     def help(self):
-        text = {bool: 'true/false', int: 'an int', float: 'a float', str: 'a string'}[self.kind]
+        text = {bool: 'true/false', int: 'an int', float: 'a float', str: 'a string'}.get(self.kind)
         if self.choices is not None:
             text = 'one of ' + ', '.join(map(str, self.choices))
         if self.low is not None or self.high is not None:
-            text += f" in [{'' if self.low is None else self.low}, {'' if self.high is None else self.high}]"
+            text = f"{text or ''} in [{'' if self.low is None else self.low}, {'' if self.high is None else self.high}]"
+        if self.kind is tuple:  # the limits above apply to each element
+            count = f'{self.length} ' if self.length else ''
+            element = {int: 'int', float: 'number'}[self.of]
+            text = (f'a list of {count}{element}s (comma separated or a YAML list)'
+                    + (', increasing' if self.increasing else '') + (f', each{text}' if text else ''))
         return text
 
 
@@ -80,7 +108,7 @@ def declare(config):
         return Section(name, desc, config_descriptor=config)
 
     section('data', 'Dataset, .beton files and loader').params(
-        dataset=P(str, 'cifar10', 'which dataset', choices=DATASETS),
+        dataset=P(str, 'cifar10', 'which dataset', choices=tuple(DATASETS)),
         dir=P(str, 'data', 'folder of the .beton files (convert writes there)'),
         source=P(str, '', 'local source: CIFAR tarball or folder, Fashion-MNIST IDX folder ("" = default)'),
         download=P(bool, False, 'allow a torchvision download when no local source is given'),
@@ -89,41 +117,33 @@ def declare(config):
         val_size=P(int, 1000, 'validation images held out of the training beton (Rice et al.: 1000)', low=0),
         split_seed=P(int, 0, 'seed of the validation split; the same for every method and seed'),
         train_limit=P(int, 0, 'train on only the first N training images (0 = all)', low=0),
-        augment=P(str, 'auto', 'auto = dataset default (CIFAR: crop+flip, Fashion-MNIST: none)',
+        augment=P(str, 'auto', 'auto = the dataset\'s default (CIFAR: crop+flip, Fashion-MNIST: none)',
                   choices=('auto', 'crop_flip', 'crop', 'flip', 'none')),
         crop_padding=P(int, 4, 'zero padding of the random crop', low=0),
         num_workers=P(int, 2, 'ffcv loader workers', low=1),
         synthetic_n_train=P(int, 5000, 'synthetic: training images', low=1),
         synthetic_n_test=P(int, 1000, 'synthetic: test images', low=1),
         synthetic_classes=P(int, 10, 'synthetic: classes', low=2),
-        synthetic_shape=P(str, '3,32,32', 'synthetic: C,H,W'),
+        synthetic_shape=P(tuple, (3, 32, 32), 'synthetic: C,H,W', of=int, length=3, low=1),
         synthetic_seed=P(int, 0, 'synthetic: generator seed'),
     )
     section('model', 'Network').params(
         arch=P(str, 'resnet18', 'architecture', choices=ARCHS),
         width=P(int, 0, 'base width / widen factor (0 = the architecture default)', low=0),
         normalize=P(bool, False, 'normalize inputs inside the model (off in the official code)'),
-        mean=P(str, '', 'per-channel mean for normalize, comma separated ("" = dataset statistics)'),
-        std=P(str, '', 'per-channel std for normalize, comma separated ("" = dataset statistics)'),
+        mean=P(tuple, (), 'per-channel mean for normalize (empty = the dataset\'s statistics)', of=float),
+        std=P(tuple, (), 'per-channel std for normalize (empty = the dataset\'s statistics)', of=float, low=1e-12),
     )
     section('attack', 'Training attack (L-inf PGD); eps and step in units of 1/255').params(
         eps=P(float, 8.0, 'L-inf radius, in 1/255', low=0.0),
         step_size=P(float, 2.0, 'PGD step, in 1/255', low=0.0),
         steps=P(int, 10, 'PGD steps', low=1),
-        bn_mode=P(str, 'eval', 'BatchNorm mode while attacking (official code: eval)', choices=('eval', 'train')),
+        bn_mode=P(str, 'eval', 'BatchNorm mode while attacking (official code: eval)', choices=BN_MODES),
     )
-    section('method', 'Training objective').params(
-        name=P(str, 'at', 'ce | at (PGD-AT) | trades | sgls (on AT) | sgls_trades', choices=METHODS),
-        beta=P(float, 6.0, 'TRADES: weight of the KL term', low=0.0),
-        sgls_alpha=P(float, 0.9, 'SGLS: EMA momentum a of the soft labels', low=0.0, high=1.0),
-        sgls_lam=P(float, 0.2, 'SGLS: weight of the clean prediction in the EMA target', low=0.0, high=1.0),
-        sgls_start_epoch=P(int, 90, 'SGLS: first (1-based) epoch with soft labels; before it plain AT/TRADES',
-                           low=1),
-        sgls_r=P(float, 1.0, 'SGLS: target = r*t + (1-r)*onehot(y) (official code: r=1)', low=0.0, high=1.0),
-        sgls_temperature=P(float, 1.0, 'SGLS: temperature of the predictions fed to the EMA', low=1e-6),
-        label_noise=P(str, 'none', 'corrupt training labels by index', choices=('none', 'sym', 'asym')),
-        noise_rate=P(float, 0.0, 'fraction of training labels corrupted', low=0.0, high=1.0),
-        noise_seed=P(int, 0, 'seed of the label corruption'),
+    section('method', 'Training objective (engine/methods.py)').params(
+        name=P(str, 'at', 'the training objective (engine/methods.py: at = PGD-AT, sgls = SGLS on AT)',
+               choices=tuple(METHODS)),
+        **{key: P(kind, default, desc, **limits) for key, (kind, default, desc, limits) in METHOD_PARAMS.items()},
     )
     section('optimizer', 'SGD').params(
         lr=P(float, 0.1, 'peak learning rate', low=0.0),
@@ -134,7 +154,8 @@ def declare(config):
     section('schedule', 'Learning-rate schedule over epochs').params(
         kind=P(str, 'piecewise', 'piecewise: x gamma at each milestone; cosine: to 0 at the end',
                choices=('piecewise', 'cosine')),
-        milestones=P(str, '100,150', 'piecewise: 1-based epochs from which lr is multiplied by gamma'),
+        milestones=P(tuple, (100, 150), 'piecewise: 1-based epochs from which lr is multiplied by gamma', of=int,
+                     increasing=True),
         gamma=P(float, 0.1, 'piecewise: factor', low=0.0),
     )
     section('training', 'Run').params(
@@ -149,7 +170,7 @@ def declare(config):
                  choices=('eager', 'fast')),
         precision=P(str, 'auto', 'fp32 | fp64 (weights, data and losses in float64: exact comparisons) | bf16 / fp16 '
                     '(fast engine: autocast); auto = bf16 on GPU with the fast engine, else fp32',
-                    choices=('auto', 'fp32', 'fp64', 'bf16', 'fp16')),
+                    choices=PRECISIONS),
         channels_last=P(bool, True, 'fast engine: channels-last memory format'),
         compile=P(bool, True, 'fast engine: torch.compile the model'),
         cuda_graphs=P(bool, True, 'fast engine on a GPU: capture the whole step as CUDA graphs and replay them '
@@ -255,6 +276,14 @@ def read_cli(args):
     return values
 
 
+def check_value(key, value, where):
+    """The typed value of one config key (its Param's checker, the one validation), or ConfigError naming where."""
+    try:
+        return KEYS[key].checker.check(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{where}: '{key}' must be {KEYS[key].checker.help()}, got {value!r}") from None
+
+
 def load(config_files=(), cli_args=(), base=None, overrides=None):
     """Resolve defaults < base (a saved params.json) < files < command line < overrides into `cfg.section.key`."""
     layers = [('saved params', dict(base or {}))] + [(path, read_yaml(path)) for path in config_files]
@@ -262,40 +291,21 @@ def load(config_files=(), cli_args=(), base=None, overrides=None):
     for where, values in (layers[0], layers[-1]):
         for key in values:
             _check_key(key, where)
-    merged, origin = {}, {}
-    for where, values in layers:
-        for key, value in values.items():
-            try:
-                merged[key] = KEYS[key].checker.check(value)
-            except (ValueError, TypeError):
-                raise ConfigError(f"{where}: '{key}' must be {KEYS[key].checker.help()}, got {value!r}") from None
-            origin[key] = where
-    config = Config()  # fresh, never the environment
-    declare(config)
-    config.collect(dict(merged))
-    errors = config.validate(mode='errordict')
-    if errors:
-        keys = ['.'.join(p) for p in errors]
-        lines = [f"{origin.get(k, 'defaults')}: '{k}' must be {KEYS[k].checker.help()}" for k in keys]
-        raise ConfigError('\n'.join(lines))
-    cfg = config.get()
+    values = {key: param.default for key, param in KEYS.items()}
+    for where, layer in layers:
+        for key, value in layer.items():
+            values[key] = check_value(key, value, where)
+    sections = {}
+    for key, value in values.items():
+        section, name = key.split('.')
+        sections.setdefault(section, {})[name] = value
+    cfg = NestedNamespace(sections)
     _check_consistency(cfg)
     return cfg
 
 
 def _check_consistency(cfg):
     """Rules across fields, checked before any work is done."""
-    try:
-        shape = tuple(int(s) for s in cfg.data.synthetic_shape.split(','))
-        assert len(shape) == 3 and min(shape) > 0
-    except (ValueError, AssertionError):
-        raise ConfigError(f"'data.synthetic_shape' must be C,H,W (e.g. 3,32,32), got {cfg.data.synthetic_shape!r}")
-    try:
-        milestones = [int(m) for m in cfg.schedule.milestones.split(',') if m.strip()]
-    except ValueError:
-        raise ConfigError(f"'schedule.milestones' must be comma-separated epochs, got {cfg.schedule.milestones!r}")
-    if milestones != sorted(milestones):
-        raise ConfigError(f"'schedule.milestones' must be increasing, got {cfg.schedule.milestones!r}")
     if cfg.method.label_noise != 'none' and cfg.method.noise_rate == 0:
         raise ConfigError("'method.noise_rate' must be > 0 when 'method.label_noise' is set")
     t = cfg.training
@@ -305,8 +315,13 @@ def _check_consistency(cfg):
 
 
 def flat(cfg):
-    """cfg namespace -> {'section.key': value}, the form saved as params.json."""
-    return {key: getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1]) for key in KEYS}
+    """cfg namespace -> {'section.key': value}, the form saved as params.json (lists as JSON lists)."""
+    out = {}
+    for key in KEYS:
+        section, name = key.split('.')
+        value = getattr(getattr(cfg, section), name)
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def help_text():

@@ -1,4 +1,6 @@
-"""Robust-accuracy evaluation (clean, FGSM, PGD, CW-inf, AutoAttack) and its Markdown report."""
+"""Robust-accuracy evaluation: clean, FGSM, PGD, CW-inf, AutoAttack and the per-example worst case.
+
+The table it feeds is formatted by writers.tables."""
 from collections.abc import Iterable
 
 import torch
@@ -8,8 +10,6 @@ from engine import attacks as atk
 from engine.errors import ConfigError
 
 EVAL_ATTACKS = ('clean', 'fgsm', 'pgd', 'cw', 'autoattack')
-# Column order of the report; 'worst' = correct under every attack evaluated.
-TABLE_COLUMNS = EVAL_ATTACKS + ('worst',)
 
 
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 0) -> torch.Tensor:
@@ -89,45 +89,3 @@ def evaluate(model: nn.Module, loader: Iterable, *, attacks: Iterable[str] = ('c
     for name, total in zip(names, totals):
         result[name] = 100.0 * total / n if n else float('nan')
     return result
-
-
-def _over_255(value: float) -> str:
-    """8/255 for 0.0313..., 2.5/255 when not a whole number of 1/255 steps."""
-    k = round(value * 255, 4)
-    return f'{k:g}/255'
-
-
-def format_table(rows: dict[str, dict], settings: dict) -> str:
-    """Markdown table: one row per key (e.g. 'best', 'final'); columns epoch (if any row has it) and the
-    accuracies present in any row (2 decimals); then a line with the evaluation settings."""
-    columns = [c for c in ('epoch',) + TABLE_COLUMNS if any(c in row for row in rows.values())]
-    lines = ['| checkpoint | ' + ' | '.join(columns) + ' |',
-             '|---|' + '---:|' * len(columns)]
-    for label, row in rows.items():
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            if value is None:
-                cells.append('-')
-            elif column == 'epoch':
-                cells.append(str(int(value)))
-            else:
-                cells.append(f'{value:.2f}')
-        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-
-    described = []
-    if 'eps' in settings:
-        described.append(f"eps = {_over_255(settings['eps'])}")
-    if 'step_size' in settings:
-        described.append(f"step size = {_over_255(settings['step_size'])}")
-    for key, text in (('pgd_steps', 'PGD steps'), ('cw_steps', 'CW steps'),
-                      ('autoattack_version', 'AutoAttack version')):
-        if key in settings:
-            described.append(f'{text} = {settings[key]}')
-    if 'n' in settings:
-        described.append(f"n = {settings['n']} examples")
-    if settings.get('autoattack_n') not in (None, settings.get('n')):
-        described.append(f"AutoAttack on the first {settings['autoattack_n']} of them")
-    if 'best_selected_on' in settings:
-        described.append(f"best checkpoint chosen on {settings['best_selected_on']}")
-    return '\n'.join(lines) + '\n\n' + ', '.join(described) + '\n'

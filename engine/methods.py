@@ -1,40 +1,95 @@
-"""Training objectives, each a small loss over the shared PGD attack (engine.attacks.pgd).
+"""Training objectives: each method is a small loss over the shared PGD attack, and says what it needs.
 
-Every loss function takes the batch and the adversarial examples and returns (loss, logits on which robust
-training accuracy is measured). Formulas follow the official SGLS code (devicerxx/SGLS, losses/loss.py) and
-TRADES (Zhang et al. 2019); the SGLS options r and T are the paper's general form, with defaults (r=1, T=1) that
-reproduce the code.
+A method declares, next to its loss:
+- `attack`: what the training attack maximises and from where (an Objective), or None (no adversarial examples);
+- `soft_labels`: whether it keeps the per-image soft-label table (engine.soft_labels);
+- `params`: the config keys of the `method` section it reads (declared in PARAMS below, which engine.config
+  turns into that section), set as attributes of the same name;
+- `phase(epoch)`: what makes one epoch's step compute something else than another's (SGLS before and after
+  its start epoch); the step is compiled and captured once per phase;
+- `loss(model, batch)` -> (loss, logits on which robust training accuracy is measured). The loss calls the
+  model on batch.x and batch.x_adv itself, in its own order: train-mode forwards move BatchNorm statistics.
+Adding a method is a class here with its keys in PARAMS; nothing else tests a method's name.
+
+Formulas follow the official SGLS code (devicerxx/SGLS, losses/loss.py) and TRADES (Zhang et al. 2019); the
+SGLS options r and T are the paper's general form, with defaults (r=1, T=1) that reproduce the code.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from engine.errors import ConfigError
 from engine.precision import upcast
+from engine.soft_labels import SoftLabels
 
 
 @dataclass(frozen=True)
+class Objective:
+    """The training attack of a method: engine.attacks.pgd's loss ('ce', 'kl', 'cw') and start."""
+    loss: str
+    start: str
+
+
+CE_ATTACK = Objective('ce', 'uniform')   # PGD-AT (Madry et al.): cross entropy from a uniform point of the ball
+KL_ATTACK = Objective('kl', 'normal')    # TRADES: KL to the clean prediction from x + 0.001 N(0, 1)
+
+
+@dataclass
+class LossInputs:
+    """What a loss may use: the batch x (as the network takes it), its labels y and beton indices idx, the epoch
+    (1-based), the adversarial batch x_adv (None for a method without an attack), the run's soft-label table
+    (None unless the method keeps one) and, for distillation, a teacher (a frozen callable model)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+    epoch: int
+    x_adv: torch.Tensor | None = None
+    soft_labels: SoftLabels | None = None
+    teacher: Callable | None = None
+
+
+# The `method` config section besides `name`: key -> (type, default, help, limits). Each method reads its own.
+PARAMS: dict[str, tuple[type, Any, str, dict]] = {
+    'beta': (float, 6.0, 'TRADES: weight of the KL term', dict(low=0.0)),
+    'sgls_alpha': (float, 0.9, 'SGLS: EMA momentum a of the soft labels', dict(low=0.0, high=1.0)),
+    'sgls_lam': (float, 0.2, 'SGLS: weight of the clean prediction in the EMA target', dict(low=0.0, high=1.0)),
+    'sgls_start_epoch': (int, 90, 'SGLS: first (1-based) epoch with soft labels; before it plain AT/TRADES',
+                         dict(low=1)),
+    'sgls_r': (float, 1.0, 'SGLS: target = r*t + (1-r)*onehot(y) (official code: r=1)', dict(low=0.0, high=1.0)),
+    'sgls_temperature': (float, 1.0, 'SGLS: temperature of the predictions fed to the EMA', dict(low=1e-6)),
+    'label_noise': (str, 'none', 'corrupt training labels by index (any method)',
+                    dict(choices=('none', 'sym', 'asym'))),
+    'noise_rate': (float, 0.0, 'fraction of training labels corrupted', dict(low=0.0, high=1.0)),
+    'noise_seed': (int, 0, 'seed of the label corruption', {}),
+}
+
+
 class Method:
-    name: str = 'at'
-    beta: float = 6.0
-    alpha: float = 0.9
-    lam: float = 0.2
-    start_epoch: int = 90
-    r: float = 1.0
-    temperature: float = 1.0
+    name: str = ''
+    attack: Objective | None = None
+    soft_labels: bool = False
+    params: tuple[str, ...] = ()
 
-    @classmethod
-    def from_cfg(cls, m):
-        return cls(m.name, m.beta, m.sgls_alpha, m.sgls_lam, m.sgls_start_epoch, m.sgls_r, m.sgls_temperature)
+    def __init__(self, **values):
+        unknown = set(values) - set(self.params)
+        if unknown:
+            raise ConfigError(f"method {self.name!r} has no parameter {', '.join(sorted(unknown))} "
+                              f"(its parameters: {', '.join(self.params) or 'none'})")
+        for key in self.params:
+            setattr(self, key, values.get(key, PARAMS[key][1]))
 
-    @property
-    def attack_loss(self):
-        """TRADES-style methods maximise the KL to the clean prediction from a small Gaussian start."""
-        return ('kl', 'normal') if 'trades' in self.name else ('ce', 'uniform')
+    def phase(self, epoch: int):
+        return None
 
-    def soft_labels_active(self, epoch):
-        """SGLS uses plain AT / TRADES before start_epoch (1-based epochs, as the official code's loop)."""
-        return self.name.startswith('sgls') and epoch >= self.start_epoch
+    def loss(self, model, batch: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={getattr(self, k)!r}' for k in self.params)})"
 
 
 def soft_cross_entropy(logits, target):
@@ -48,52 +103,95 @@ def trades_kl(logits_adv, logits_clean):
                     reduction='batchmean')
 
 
-def sgls_target(method, soft_labels, idx, y, logits_clean, logits_adv):
-    """EMA-update the soft labels of this batch from lam*p(x) + (1-lam)*p(x_adv); return the training target."""
-    T = method.temperature
-    p_clean = F.softmax(upcast(logits_clean.detach()) / T, dim=1)
-    p_adv = F.softmax(upcast(logits_adv.detach()) / T, dim=1)
-    t = soft_labels.update(idx, method.lam * p_clean + (1 - method.lam) * p_adv, method.alpha)
-    if method.r == 1.0:
-        return t
-    return method.r * t + (1 - method.r) * F.one_hot(y, t.shape[1]).to(t.dtype)
+class CE(Method):
+    """Standard training: cross entropy on clean images."""
+    name = 'ce'
+
+    def loss(self, model, b):
+        logits = model(b.x)
+        return F.cross_entropy(upcast(logits), b.y), logits
 
 
-def loss_ce(method, model, x, x_adv, y, idx, soft_labels, epoch):
-    logits = model(x)
-    return F.cross_entropy(upcast(logits), y), logits
+class AT(Method):
+    """PGD-AT (Madry et al. 2018): cross entropy on PGD examples."""
+    name, attack = 'at', CE_ATTACK
+
+    def loss(self, model, b):
+        logits_adv = model(b.x_adv)
+        return F.cross_entropy(upcast(logits_adv), b.y), logits_adv
 
 
-def loss_at(method, model, x, x_adv, y, idx, soft_labels, epoch):
-    logits_adv = model(x_adv)
-    return F.cross_entropy(upcast(logits_adv), y), logits_adv
+class TRADES(Method):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta KL(f(x) || f(x_adv)), x_adv from the KL attack."""
+    name, attack, params = 'trades', KL_ATTACK, ('beta',)
+
+    def loss(self, model, b):
+        logits_clean, logits_adv = model(b.x), model(b.x_adv)
+        return F.cross_entropy(upcast(logits_clean), b.y) + self.beta * trades_kl(logits_adv, logits_clean), \
+            logits_adv
 
 
-def loss_sgls(method, model, x, x_adv, y, idx, soft_labels, epoch):
-    logits_adv = model(x_adv)
-    if not method.soft_labels_active(epoch):
-        return F.cross_entropy(upcast(logits_adv), y), logits_adv
-    with torch.no_grad():  # the official code's clean forward: train mode (BN statistics update), no graph needed
-        logits_clean = model(x)
-    target = sgls_target(method, soft_labels, idx, y, logits_clean, logits_adv)
-    return soft_cross_entropy(logits_adv, target), logits_adv
+class _SoftLabelled:
+    """SGLS's part of a method: the per-image soft labels, switched on from sgls_start_epoch."""
+    soft_labels = True
+    params = ('sgls_alpha', 'sgls_lam', 'sgls_start_epoch', 'sgls_r', 'sgls_temperature')
+
+    def phase(self, epoch):
+        """True from the start epoch (1-based, as the official code's loop): the soft labels are on."""
+        return epoch >= self.sgls_start_epoch
+
+    def target(self, b, logits_clean, logits_adv):
+        """EMA-update this batch's soft labels from lam*p(x) + (1-lam)*p(x_adv); return the training target."""
+        T = self.sgls_temperature
+        p_clean = F.softmax(upcast(logits_clean.detach()) / T, dim=1)
+        p_adv = F.softmax(upcast(logits_adv.detach()) / T, dim=1)
+        t = b.soft_labels.update(b.idx, self.sgls_lam * p_clean + (1 - self.sgls_lam) * p_adv, self.sgls_alpha)
+        if self.sgls_r == 1.0:
+            return t
+        return self.sgls_r * t + (1 - self.sgls_r) * F.one_hot(b.y, t.shape[1]).to(t.dtype)
 
 
-def loss_trades(method, model, x, x_adv, y, idx, soft_labels, epoch):
-    logits_clean, logits_adv = model(x), model(x_adv)
-    return F.cross_entropy(upcast(logits_clean), y) + method.beta * trades_kl(logits_adv, logits_clean), logits_adv
+class SGLS(_SoftLabelled, AT):
+    """SGLS on AT: soft CE on f(x_adv) against the EMA soft labels; plain AT before the start epoch."""
+    name = 'sgls'
+
+    def loss(self, model, b):
+        if not self.phase(b.epoch):
+            return AT.loss(self, model, b)
+        logits_adv = model(b.x_adv)
+        with torch.no_grad():  # the official code's clean forward: train mode (BN statistics update), no graph needed
+            logits_clean = model(b.x)
+        return soft_cross_entropy(logits_adv, self.target(b, logits_clean, logits_adv)), logits_adv
 
 
-def loss_sgls_trades(method, model, x, x_adv, y, idx, soft_labels, epoch):
-    if not method.soft_labels_active(epoch):
-        return loss_trades(method, model, x, x_adv, y, idx, soft_labels, epoch)
-    logits_clean, logits_adv = model(x), model(x_adv)
-    target = sgls_target(method, soft_labels, idx, y, logits_clean, logits_adv)
-    loss = soft_cross_entropy(logits_clean, target) + method.beta * trades_kl(logits_adv, logits_clean)
-    return loss, logits_adv
+class SGLSTrades(_SoftLabelled, TRADES):
+    """SGLS on TRADES: the CE term against the soft labels; plain TRADES before the start epoch."""
+    name = 'sgls_trades'
+    params = TRADES.params + _SoftLabelled.params
+
+    def loss(self, model, b):
+        if not self.phase(b.epoch):
+            return TRADES.loss(self, model, b)
+        logits_clean, logits_adv = model(b.x), model(b.x_adv)
+        target = self.target(b, logits_clean, logits_adv)
+        return soft_cross_entropy(logits_clean, target) + self.beta * trades_kl(logits_adv, logits_clean), \
+            logits_adv
 
 
-LOSSES = {'ce': loss_ce, 'at': loss_at, 'trades': loss_trades, 'sgls': loss_sgls, 'sgls_trades': loss_sgls_trades}
+METHODS = {m.name: m for m in (CE, AT, TRADES, SGLS, SGLSTrades)}
+
+
+def make_method(name: str, **values) -> Method:
+    """The method called `name` with the given parameters (the others at their defaults)."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](**values)
+
+
+def method_from_config(section) -> Method:
+    """The method of a config's `method` section, reading only the keys it declares."""
+    cls = METHODS[section.name]
+    return cls(**{key: getattr(section, key) for key in cls.params})
 
 
 def corrupt_labels(labels, num_classes, kind, rate, seed):

@@ -16,24 +16,19 @@ Layout conventions (what makes the rest generic):
   order, which is why PackedLinear can view any 2-D input as [B, K, features]. Residual adds, ReLU, pooling and
   BatchNorm act per channel and need no change.
 
-packed_train_step is engine.step.train_step for each seed on its own batch, with each seed's attack noise drawn
-from its own RNG stream; engine.methods' loss functions run unchanged, once per seed, on slices of shared packed
-forwards (see _LockstepForwards).
+The step is engine.step.train_step itself, with PackedSeeds as its view of the seeds: each seed's batch packed
+into one input, each seed's PGD start drawn from its own RNG stream, the methods' losses run unchanged, once per
+seed, on slices of shared packed forwards (see _LockstepForwards), and each seed's own gradient norm.
 """
 import contextlib
 import copy
+import dataclasses
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-# The single-seed PGD's own random start, objective and BN-mode handling, so the packed attack cannot drift from
-# it; only the random start differs (one draw per seed from that seed's stream), which engine.attacks.pgd does
-# not take from its caller.
-from engine.attacks import _attack_loss, _bn_context, _random_start
-from engine.methods import LOSSES
+from engine.attacks import random_start
 from engine.models import Normalize
-from engine.precision import upcast
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -226,34 +221,6 @@ def seed_stream(rng_states, k, device):
         generator.set_state(outer)
 
 
-def packed_pgd(packed, xs, ys, *, eps, step_size, steps, loss='ce', start='uniform', bn_mode='eval', rng_states):
-    """engine.attacks.pgd for each seed on its own batch (xs [K, B, C, H, W], ys [K, B]) -> packed x_adv
-    [B, K*C, H, W]. Seed k's random start comes from rng_states[k] (advanced in place). The objective is the sum
-    over seeds of each seed's summed attack loss; seeds share nothing, so each seed's input gradient is its own."""
-    k, b = ys.shape
-    x = pack_inputs(xs)
-    flat_y = ys.t().reshape(b * k)  # row b*K + k of the flattened packed logits is seed k's image b
-    with _bn_context(packed, bn_mode):
-        p_clean = None
-        if loss == 'kl':  # before the start, as pgd: with bn_mode 'train' this forward moves the BN statistics
-            with torch.no_grad():
-                p_clean = F.softmax(upcast(packed(x)), dim=2).reshape(b * k, -1)
-        starts = []
-        for seed in range(k):
-            with seed_stream(rng_states, seed, xs.device):
-                starts.append(_random_start(xs[seed], eps, start))
-        x_adv = pack_inputs(torch.stack(starts))
-        lower, upper = x - eps, x + eps
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                objective = _attack_loss(packed(x_adv).reshape(b * k, -1), flat_y, loss, p_clean)
-            (grad,) = torch.autograd.grad(objective, x_adv)
-            x_adv = x_adv.detach() + step_size * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, lower), upper).clamp(0, 1)
-    return x_adv.detach()
-
-
 class _LockstepForwards:
     """Lets engine.methods' loss functions, run once per seed, share packed forward passes.
 
@@ -288,32 +255,44 @@ def per_seed_grad_norms(packed):
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]), dim=0)
 
 
-def packed_train_step(packed, optimizer, xs, ys, idxs, *, method, attack, soft_labels, epoch, meters, rng_states):
-    """engine.step.train_step (eager, fp32) for K seeds at once: xs [K, B, C, H, W], ys and idxs [K, B], seed k's
-    soft-label table soft_labels[k] (or soft_labels None for methods without one), its meter meters[k] and its
-    attack RNG state rng_states[k] (see rng_state; advanced in place). `optimizer` is over packed.parameters():
-    SGD's update is elementwise, so one SGD is K independent ones with the same hyperparameters."""
-    k = packed.num_seeds
-    x = pack_inputs(xs)
-    with torch.no_grad():  # train clean accuracy in eval mode, as train_step
-        packed.eval()
-        clean_correct = (packed(x).argmax(2) == ys.t()).sum(0)
-    inputs = {'clean': (x, list(xs))}
-    if method.name != 'ce':
-        loss_kind, start = method.attack_loss
-        x_adv = packed_pgd(packed, xs, ys, loss=loss_kind, start=start, rng_states=rng_states, **attack)
-        inputs['adv'] = (x_adv, list(unpack_inputs(x_adv, k)))
-    packed.train()
-    forwards = _LockstepForwards(packed, inputs)
-    tables = soft_labels if soft_labels is not None else [None] * k
-    losses, logits = zip(*(
-        LOSSES[method.name](method, forwards.seed_model(s), inputs['clean'][1][s],
-                            inputs['adv'][1][s] if 'adv' in inputs else None, ys[s], idxs[s], tables[s], epoch)
-        for s in range(k)))
-    optimizer.zero_grad(set_to_none=True)
-    torch.stack(losses).sum().backward()  # d(sum)/d(loss_k) = 1: each seed's gradients are its own
-    grad_norms = per_seed_grad_norms(packed)
-    optimizer.step()
-    for s in range(k):
-        robust_correct = (logits[s].detach().argmax(1) == ys[s]).sum()
-        meters[s].add(losses[s], robust_correct, clean_correct[s], grad_norms[s], xs.shape[1])
+class PackedSeeds:
+    """engine.step.train_step's view of K packed seeds (its `seeds` argument). The batch is seed-major: x
+    [K, B, C, H, W], y and idx [K, B], soft labels a list of K tables (or None); the network takes x packed,
+    [B, K*C, H, W], and gives logits [B, K, classes], so labels are arranged [B, K]. Seed k's PGD start is drawn
+    from rng_states[k] (see rng_state; advanced in place). The optimizer is one SGD over packed.parameters():
+    SGD's update is elementwise, so it is K independent ones with the same hyperparameters."""
+
+    def __init__(self, num_seeds, rng_states):
+        self.k, self.rng_states = num_seeds, rng_states
+
+    def inputs(self, xs):
+        return pack_inputs(xs)
+
+    def labels(self, ys):
+        return ys.t()
+
+    def start(self, kind):
+        def each_seeds_own(x, eps):
+            starts = []
+            for k, x_k in enumerate(unpack_inputs(x, self.k)):
+                with seed_stream(self.rng_states, k, x.device):
+                    starts.append(random_start(x_k, eps, kind))
+            return pack_inputs(torch.stack(starts))
+        return each_seeds_own
+
+    def losses(self, method, packed, batch):
+        """[K] losses and [B, K, classes] robust logits: method.loss once per seed, on that seed's views of the
+        packed batch and adversarial batch, their forwards shared in lockstep."""
+        packed_inputs = {role: x for role, x in (('clean', batch.x), ('adv', batch.x_adv)) if x is not None}
+        views = {role: list(unpack_inputs(x, self.k)) for role, x in packed_inputs.items()}
+        forwards = _LockstepForwards(packed, {role: (packed_inputs[role], views[role]) for role in views})
+        tables = batch.soft_labels or [None] * self.k
+        losses, logits = zip(*(
+            method.loss(forwards.seed_model(k), dataclasses.replace(
+                batch, x=views['clean'][k], x_adv=views['adv'][k] if 'adv' in views else None, y=batch.y[k],
+                idx=batch.idx[k], soft_labels=tables[k]))
+            for k in range(self.k)))
+        return torch.stack(losses), torch.stack(logits, dim=1)
+
+    def grad_norms(self, packed):
+        return per_seed_grad_norms(packed)

@@ -5,7 +5,7 @@
 
 Finished runs (final.json present) are skipped, killed ones resumed from their last checkpoint, the rest
 started; rerunning the same command after an interruption completes the sweep. With --pack K (K > 1) the seeds
-of each method and grid point train K at a time as one packed model (engine.packed_trainer; eager engine only),
+of each method and grid point train K at a time as one packed model (engine.train.loop; eager engine only),
 each still writing its own folder; seeds that cannot be packed together (resuming from different epochs, or
 one left over) train alone.
 """
@@ -67,7 +67,7 @@ def status(run_dir):
 
 def epochs_done(run_dir):
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
-    return checkpoint.load(last)['epoch'] if os.path.exists(last) else 0
+    return checkpoint.load(last)['progress']['epoch'] if os.path.exists(last) else 0
 
 
 def batches(todo, pack, out_dir):
@@ -82,8 +82,8 @@ def batches(todo, pack, out_dir):
 
 
 def main(config_files, args, log=print):
-    from engine.packed_trainer import check_packable, train_packed
-    from engine.trainer import train
+    from engine.methods import METHODS
+    from engine.train.loop import check_packable, train, train_packed
     methods, args = config.take_options(args, '--methods')
     seeds, args = config.take_options(args, '--seeds')
     grid_items, args = config.take_options(args, '--grid')
@@ -94,8 +94,8 @@ def main(config_files, args, log=print):
     base = config.load(config_files, args)
     methods = methods[-1].split(',') if methods else [base.method.name]
     for m in methods:
-        if m not in config.METHODS:
-            raise UserError(f"--methods: unknown method {m!r} (choices: {', '.join(config.METHODS)})")
+        if m not in METHODS:
+            raise UserError(f"--methods: unknown method {m!r} (choices: {', '.join(METHODS)})")
     seeds = parse_seeds(seeds[-1]) if seeds else [base.training.seed]
     if pack and not (pack[-1].isdigit() and int(pack[-1]) >= 1):
         raise UserError(f'--pack: expected a number of seeds >= 1, got {pack[-1]!r}')

@@ -124,8 +124,22 @@ def test_compare_end_to_end(tmp_path):
     assert at_row["p_welch"] == "" and float(at_row["mean"]) == pytest.approx(at_pgd.mean())
 
     report = (out / "report.md").read_text()
-    for text in ("at", "sgls", "run_crashed", "no final.json", "![robust_acc](robust_acc.png)", "p (paired)"):
-        assert text in report
+    for text in ("- at: 4 run(s), seeds [0, 1, 2, 3]", "- sgls: 4 run(s)", "run_crashed", "no final.json",
+                 "![robust_acc](robust_acc.png)", "p (paired)"):
+        assert text in report, text
+    # The report shows the statistics checked above against numpy/scipy (formatted from the summary, whose
+    # means can differ from numpy's in the last bit: 51.825 rounds either way).
+    best = report.split("## Best checkpoint")[1].split("## Final epoch")[0]
+    for method, values in (("at", at_pgd), ("sgls", sgls_pgd)):
+        stat = summary["groups"][method]["metrics"]["best.pgd"]
+        assert stat["std"] == pytest.approx(values.std(ddof=1)) and stat["ci95_t"][0] < stat["mean"] < stat["ci95_t"][1]
+        low, high = stat["ci95_t"]
+        assert f"| PGD | {method} | 4 | {stat['mean']:.2f} ± {stat['std']:.2f} | [{low:.2f}, {high:.2f}] |" in best
+    p_welch = "<0.001" if welch.pvalue < 0.001 else f"{welch.pvalue:.3f}"
+    p_paired = "<0.001" if paired.pvalue < 0.001 else f"{paired.pvalue:.3f}"
+    assert f"| sgls | best.pgd | {test['welch']['diff']:.2f} |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| sgls | best.pgd |"))
+    assert f"| {p_welch} |" in row and f"| {p_paired} |" in row, row
 
     assert sorted(summary["plots"]) == ["clean_acc.png", "final_metrics.png", "grad_norm.png", "robust_acc.png"]
     for name in summary["plots"]:
@@ -188,7 +202,8 @@ def test_main_finds_nested_runs_and_reports_where(tmp_path, capsys):
 def test_main_default_out_is_next_to_the_runs(tmp_path):
     make_sweep(tmp_path / "sweep")
     compare.main([str(tmp_path / "sweep")])
-    assert (tmp_path / "sweep" / "compare" / "report.md").exists()
+    report = (tmp_path / "sweep" / "compare" / "report.md").read_text()
+    assert "- at: 4 run(s)" in report and "- sgls: 4 run(s)" in report and "Differences vs baseline `at`" in report
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from engine import config
-from engine.methods import Method
+from engine.fast import FastStep
+from engine.methods import make_method
 from engine.models import build_model
 from engine.soft_labels import SoftLabels
-from engine.step import EpochMeter, FastStep, make_sgd, set_lr, train_step
+from engine.step import make_sgd, set_lr, train_step
 from tests.synthetic import synthetic_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -81,7 +82,7 @@ def copy_state_(dst, src):
 @pytest.mark.parametrize('method_name', ['at', 'sgls'])
 @pytest.mark.parametrize('compile_', [False, True], ids=['graphs', 'graphs+compile'])
 def test_graphed_step_equals_eager_step_by_step(exact_fp32, method_name, compile_):
-    method = Method(method_name, start_epoch=2)
+    method = make_method(method_name, **{'sgls_start_epoch': 2} if method_name == 'sgls' else {})
     attack = dict(ATTACK, steps=0) if compile_ else ATTACK
     x, y, idx, labels = batches('cuda')
     ref = trainee(labels, graphed=False)
@@ -95,18 +96,17 @@ def test_graphed_step_equals_eager_step_by_step(exact_fp32, method_name, compile
         before = {name: p.detach().clone() for name, p in ref[0].state_dict().items()}
         epoch = 1 if i < STEPS // 2 else 2  # SGLS soft labels switch on half-way: a second graph
         rng = torch.cuda.get_rng_state()
-        ref_meter, meter = EpochMeter('cuda'), EpochMeter('cuda')
-        train_step(ref[0], ref[1], x[i], y[i], idx[i], method=method, attack=attack, soft_labels=ref[2],
-                   epoch=epoch, meter=ref_meter)
+        ref_stats = train_step(ref[0], ref[1], (x[i], y[i], idx[i]), method=method, attack=attack,
+                               soft_labels=ref[2], epoch=epoch)
         torch.cuda.set_rng_state(rng)
-        fast(fast_state[1], x[i], y[i], idx[i], method=method, attack=attack, soft_labels=fast_state[2],
-             epoch=epoch, meter=meter)
+        stats = fast(fast_state[1], (x[i], y[i], idx[i]), method=method, attack=attack, soft_labels=fast_state[2],
+                     epoch=epoch)
         if not compile_:  # the same kernels, graphed or not: equal to float rounding
-            torch.testing.assert_close(meter.sums, ref_meter.sums, rtol=1e-5, atol=1e-5,
+            torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f'step {i} metrics: {m}')
         else:  # see COMPILED_TOLERANCE
-            loss, robust, clean, grad = (meter.sums - ref_meter.sums).abs().tolist()
-            ref_loss, _, _, ref_grad = ref_meter.sums.tolist()
+            loss, robust, clean, grad = (stats - ref_stats).abs()[0].tolist()
+            ref_loss, _, _, ref_grad = ref_stats[0].tolist()
             assert loss <= 1e-3 * ref_loss and grad <= 1e-3 * ref_grad and robust <= 2 and clean <= 2, \
                 f'step {i}: |fast - eager| loss {loss:.3g}, robust {robust}, clean {clean}, grad norm {grad:.3g}'
         for (name, p), ref_p in zip(fast_state[0].state_dict().items(), ref[0].state_dict().values()):
@@ -125,23 +125,24 @@ def test_graphed_step_reads_learning_rate_from_device():
     x, y, idx, labels = batches('cuda')
     model, optimizer, soft = trainee(labels, graphed=True)
     fast = FastStep(model, torch.device('cuda'), precision='bf16', compile=False, cuda_graphs=True)
-    kw = dict(method=Method('at'), attack=ATTACK, soft_labels=None, epoch=1, meter=EpochMeter('cuda'))
+    kw = dict(method=make_method('at'), attack=ATTACK, soft_labels=None, epoch=1)
+    total = 0
     for i in range(5):  # 3 warm-up steps, a capture, a replay
-        fast(optimizer, x[i], y[i], idx[i], **kw)
+        total = total + fast(optimizer, (x[i], y[i], idx[i]), **kw)
     assert fast.graphed.graphs
     before = [p.detach().clone() for p in model.parameters()]
     set_lr(optimizer, 0.0)
-    fast(optimizer, x[5], y[5], idx[5], **kw)
+    total = total + fast(optimizer, (x[5], y[5], idx[5]), **kw)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), 'lr 0 must leave the weights'
     set_lr(optimizer, 0.05)
-    fast(optimizer, x[6], y[6], idx[6], **kw)
+    total = total + fast(optimizer, (x[6], y[6], idx[6]), **kw)
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-    assert kw['meter'].steps == 7 and torch.isfinite(kw['meter'].sums).all()
+    assert total.shape == (1, 4) and torch.isfinite(total).all() and total[0, 2] > 0
 
 
 def test_fast_engine_trains_end_to_end(tmp_path):
     """A short SGLS run with the full fast path (bf16, channels-last, compile, CUDA graphs) on synthetic data."""
-    from engine.trainer import train
+    from engine.train.loop import train
     cfg = config.load(cli_args=[
         '--data.dataset=synthetic', f'--data.dir={tmp_path}/data', '--data.synthetic_n_train=4096',
         '--data.synthetic_n_test=512', '--data.val_size=256', '--model.arch=resnet18', '--method.name=sgls',

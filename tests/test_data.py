@@ -12,9 +12,9 @@ from ffcv.fields import IntField, NDArrayField
 from ffcv.writer import DatasetWriter
 
 import engine.data.convert as convert_module
-from engine.data import SyntheticSpec, beton_paths, make_loaders, open_beton, read_beton
-from engine.data.convert import convert
-from engine.data.sources import CIFAR, FASHION_MNIST_DIR, FASHION_MNIST_FILES, make_synthetic
+from engine.data.convert import beton_paths, convert
+from engine.data.loaders import make_loaders, open_beton, read_beton
+from engine.data.sources import CIFAR, FASHION_MNIST_DIR, FASHION_MNIST_FILES, SyntheticSpec, make_synthetic
 from engine.errors import DataError
 
 SMALL = SyntheticSpec(n_train=300, n_test=100, classes=10, shape=(3, 16, 16), seed=3)

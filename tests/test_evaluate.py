@@ -4,7 +4,8 @@ import torch
 
 from engine.attacks import autoattack, cw_inf, fgsm, pgd
 from engine.errors import ConfigError
-from engine.evaluate import evaluate, format_table
+from engine.evaluate import evaluate
+from writers.tables import format_table
 from engine.models import build_model
 
 EPS, STEP = 8 / 255, 2 / 255

@@ -5,9 +5,9 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 
-from engine.data import SyntheticSpec, make_loaders, split_train_val
 from engine.data.convert import convert, write_beton
-from engine.data.sources import Split, make_synthetic
+from engine.data.loaders import make_loaders, split_train_val
+from engine.data.sources import Split, SyntheticSpec, make_synthetic
 from engine.errors import ConfigError
 
 SPEC = SyntheticSpec(n_train=1100, n_test=250, classes=10, shape=(3, 16, 16), seed=1)

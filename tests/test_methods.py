@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.methods import LOSSES, Method, corrupt_labels
+from engine.methods import LossInputs, make_method, corrupt_labels
 from engine.soft_labels import SoftLabels
-from engine.trainer import lr_at
+from engine.train.build import lr_at
 from engine import config
 
 
@@ -42,6 +42,10 @@ def batch():
     return W, x, x_adv, y, idx
 
 
+def run_loss(method, model, x, x_adv, y, idx, soft_labels, epoch):
+    return method.loss(model, LossInputs(x, y, idx, epoch, x_adv, soft_labels))
+
+
 def as_t(*arrays):
     return [torch.tensor(a, dtype=torch.float32 if a.dtype.kind == 'f' else torch.int64) for a in arrays]
 
@@ -62,7 +66,7 @@ def test_sgls_loss_and_update_equal_formula(batch, r, T):
     W, x, x_adv, y, idx = batch
     labels = np.array([0, 0, 1, 2, 2, 3, 3, 1])
     labels[idx] = y
-    m = Method('sgls', alpha=0.9, lam=0.2, start_epoch=5, r=r, temperature=T)
+    m = make_method('sgls', sgls_alpha=0.9, sgls_lam=0.2, sgls_start_epoch=5, sgls_r=r, sgls_temperature=T)
     model = Linear(W)
     sl = SoftLabels(torch.tensor(labels), 4)
     sl.table[idx[0]] = torch.tensor([0.1, 0.2, 0.6, 0.1])  # a row that is already soft
@@ -70,13 +74,13 @@ def test_sgls_loss_and_update_equal_formula(batch, r, T):
     xt, xat, yt, it = as_t(x, x_adv, y, idx)
 
     # Before start_epoch: plain cross-entropy on the adversarial logits, table untouched.
-    loss, logits = LOSSES['sgls'](m, model, xt, xat, yt, it, sl, epoch=4)
+    loss, logits = run_loss(m, model, xt, xat, yt, it, sl, epoch=4)
     z_adv = x_adv @ W
     np.testing.assert_allclose(loss.item(), -np.mean(log_softmax(z_adv)[np.arange(3), y]), rtol=1e-5)
     np.testing.assert_array_equal(sl.table.numpy(), t_before)
 
     # From start_epoch on: t[idx] = a t[idx] + (1-a)(lam p(x) + (1-lam) p(x_adv)); loss vs r t + (1-r) onehot.
-    loss, logits = LOSSES['sgls'](m, model, xt, xat, yt, it, sl, epoch=5)
+    loss, logits = run_loss(m, model, xt, xat, yt, it, sl, epoch=5)
     mix = 0.2 * softmax(x @ W / T) + 0.8 * softmax(z_adv / T)
     t_new = 0.9 * t_before[idx] + 0.1 * mix
     target = r * t_new + (1 - r) * np.eye(4)[y]
@@ -101,8 +105,8 @@ def kl(p, q):
 
 def test_trades_loss_equals_formula(batch):
     W, x, x_adv, y, idx = batch
-    m = Method('trades', beta=6.0)
-    loss, _ = LOSSES['trades'](m, Linear(W), *as_t(x, x_adv, y, idx), None, epoch=1)
+    m = make_method('trades', beta=6.0)
+    loss, _ = run_loss(m, Linear(W), *as_t(x, x_adv, y, idx), None, epoch=1)
     z, z_adv = x @ W, x_adv @ W
     expected = -np.mean(log_softmax(z)[np.arange(3), y]) + 6.0 * np.mean(kl(softmax(z), softmax(z_adv)))
     np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
@@ -112,13 +116,13 @@ def test_sgls_trades_loss_equals_formula(batch):
     W, x, x_adv, y, idx = batch
     labels = np.zeros(8, dtype=np.int64)
     labels[idx] = y
-    m = Method('sgls_trades', beta=3.0, start_epoch=2)
+    m = make_method('sgls_trades', beta=3.0, sgls_start_epoch=2)
     sl = SoftLabels(torch.tensor(labels), 4)
-    loss, _ = LOSSES['sgls_trades'](m, Linear(W), *as_t(x, x_adv, y, idx), sl, epoch=1)
+    loss, _ = run_loss(m, Linear(W), *as_t(x, x_adv, y, idx), sl, epoch=1)
     z, z_adv = x @ W, x_adv @ W
     plain = -np.mean(log_softmax(z)[np.arange(3), y]) + 3.0 * np.mean(kl(softmax(z), softmax(z_adv)))
     np.testing.assert_allclose(loss.item(), plain, rtol=1e-5)
-    loss, _ = LOSSES['sgls_trades'](m, Linear(W), *as_t(x, x_adv, y, idx), sl, epoch=2)
+    loss, _ = run_loss(m, Linear(W), *as_t(x, x_adv, y, idx), sl, epoch=2)
     t = 0.9 * np.eye(4)[y] + 0.1 * (0.2 * softmax(z) + 0.8 * softmax(z_adv))
     expected = np.mean(np.sum(-log_softmax(z) * t, 1)) + 3.0 * np.mean(kl(softmax(z), softmax(z_adv)))
     np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
@@ -133,7 +137,7 @@ def test_sgls_clean_forward_runs_in_train_mode_without_graph():
     y, idx = torch.randint(0, 4, (8,)), torch.arange(8)
     sl = SoftLabels(y, 4)
     model.train()
-    LOSSES['sgls'](Method('sgls', start_epoch=1), model, x, x_adv, y, idx, sl, epoch=1)
+    run_loss(make_method('sgls', sgls_start_epoch=1), model, x, x_adv, y, idx, sl, epoch=1)
     bn = model[2]
     assert bn.num_batches_tracked.item() == 2  # adversarial pass + clean pass
 
@@ -157,3 +161,64 @@ def test_learning_rate_schedules():
     cos = config.load(cli_args=['--schedule.kind=cosine', '--training.epochs=10'])
     assert lr_at(cos, 1) == pytest.approx(0.1)
     assert lr_at(cos, 6) == pytest.approx(0.05)
+
+
+def test_each_method_declares_what_it_needs():
+    from engine.methods import CE_ATTACK, KL_ATTACK, METHODS
+    needs = {name: (cls.attack, cls.soft_labels) for name, cls in METHODS.items()}
+    assert needs == {'ce': (None, False), 'at': (CE_ATTACK, False), 'trades': (KL_ATTACK, False),
+                     'sgls': (CE_ATTACK, True), 'sgls_trades': (KL_ATTACK, True)}
+    assert (CE_ATTACK.loss, CE_ATTACK.start, KL_ATTACK.loss, KL_ATTACK.start) == ('ce', 'uniform', 'kl', 'normal')
+    sgls = make_method('sgls', sgls_start_epoch=3)
+    assert [sgls.phase(e) for e in (1, 2, 3, 4)] == [False, False, True, True]
+    assert make_method('at').phase(1) == make_method('at').phase(100)  # one phase: one compiled / captured step
+    with pytest.raises(config.ConfigError, match="method 'at' has no parameter beta"):
+        make_method('at', beta=1.0)
+    # the config's method section reads exactly each method's parameters
+    cfg = config.load(cli_args=['--method.name=sgls_trades', '--method.beta=2', '--method.sgls_lam=0.5'])
+    from engine.methods import method_from_config
+    m = method_from_config(cfg.method)
+    assert (m.name, m.beta, m.sgls_lam, m.sgls_alpha) == ('sgls_trades', 2.0, 0.5, 0.9)
+
+
+def _method_name_tests(source):
+    """Where `source` decides something by a method's name: a comparison of a `...method...name` expression with
+    a string, its startswith / endswith, or a string constant naming an SGLS / TRADES method ('at' and 'ce' are
+    also other things' names: the default method and baseline, the cross-entropy attack objective)."""
+    import ast
+
+    def is_method_name(node):
+        return isinstance(node, ast.Attribute) and node.attr == 'name' and 'method' in ast.unparse(node.value)
+
+    def is_string(node):
+        return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or (
+            isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(is_string(e) for e in node.elts))
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(map(is_method_name, sides)) and any(map(is_string, sides)):
+                found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in ('startswith', 'endswith') and is_method_name(node.func.value):
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.Constant) and node.value in ('sgls', 'sgls_trades', 'trades'):
+            found.append((node.lineno, repr(node.value)))
+    return found
+
+
+def test_no_method_is_recognised_by_its_name_outside_methods_py():
+    """What a method does is a property declared next to its loss: no other engine module tests a method's name."""
+    import glob
+    import os
+    # the check itself sees what it must
+    assert len(_method_name_tests("if method.name != 'ce': pass\nx = cfg.method.name.startswith('s')\n"
+                                  "y = 'trades' in z\nif run.method.name in ('at', 'x'): pass")) == 4
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'engine')
+    found = []
+    for path in glob.glob(os.path.join(root, '**', '*.py'), recursive=True):
+        if os.path.basename(path) != 'methods.py':
+            with open(path) as f:
+                found += [f'{os.path.relpath(path, root)}:{line}: {text}' for line, text in _method_name_tests(f.read())]
+    assert not found, found

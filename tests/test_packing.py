@@ -8,8 +8,8 @@ drift apart after a few steps (measured with this file's setup: 0.2 to 0.6 relat
 20 free-running float32 AT steps). Tolerances are tensor-wise (see assert_close_normwise). So:
 - float64 runs are compared free-running over 20 steps: rounding differences are ~1e-16, the chance that one
   lands on a kink or flips a sign is negligible, and every seed's weights, BN statistics, momentum, soft labels,
-  metrics and RNG stream must end where its single run ends (rtol 1e-6: engine.methods computes losses and the
-  soft-label table in float32 by design, and a last-bit float32 difference must pass; measured: ~1e-14);
+  metrics and RNG stream must end where its single run ends (rtol 1e-9; losses and soft labels are float64 too,
+  engine.precision.upcast; measured: ~1e-14);
 - float32 (the production dtype) is compared step by step, both paths starting each step from the same state,
   within rtol 1e-4 (as tests/test_fast_step.py) but for rare discrete events (see that test).
 """
@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine.methods import Method
+from engine.methods import make_method
 from engine.models import build_model
-from engine.packing import (pack_inputs, pack_models, pack_optimizer_state, pack_state, packed_train_step, rng_state,
+from engine.packing import (PackedSeeds, pack_inputs, pack_models, pack_optimizer_state, pack_state, rng_state,
                             unpack_optimizer_state, unpack_state)
 from engine.soft_labels import SoftLabels
-from engine.step import EpochMeter, train_step
+from engine.step import train_step
 from tests.synthetic import synthetic_batches
 
 STEPS, BATCH, CLASSES = 20, 32, 4
@@ -34,6 +34,16 @@ SEEDS = (3, 7)
 
 def epoch_of(step):
     return 1 + step * 2 // STEPS  # with start_epoch=2, SGLS switches its soft labels on mid-way
+
+
+def method(name):
+    return make_method(name, **{'sgls_start_epoch': 2} if name.startswith('sgls') else {})
+
+
+def packed_step(packed, optimizer, xs, ys, idxs, *, soft_labels, rng_states, **kw):
+    """engine.step.train_step for the packed seeds: [K, 4] statistics."""
+    return train_step(packed, optimizer, (xs, ys, idxs), soft_labels=soft_labels,
+                      seeds=PackedSeeds(packed.num_seeds, rng_states), **kw)
 
 
 def seed_data(seed, dtype):
@@ -59,10 +69,10 @@ def assert_close_normwise(got, ref, rtol, atol, what):
     assert error <= rtol * scale + atol, f'{what}: max difference {error:.3g} (scale {scale:.3g})'
 
 
-def assert_seed_equals_single(k, packed, optimizer, soft_labels, meters, single, rtol, atol):
+def assert_seed_equals_single(k, packed, optimizer, soft_labels, sums, single, rtol, atol):
     """Seed k of a packed run against its single run: weights and BN statistics, momentum (tensor-wise), then the
-    soft-label table and the metric sums (elementwise: an argmax that flips changes a count by one)."""
-    model, single_opt, single_soft, single_meter = single
+    soft-label table and the summed step statistics (elementwise: an argmax that flips changes a count by one)."""
+    model, single_opt, single_soft, single_sums = single
     state, opt_state = unpack_state(packed)[k], unpack_optimizer_state(optimizer.state_dict(), packed.num_seeds)[k]
     for key, ref in model.state_dict().items():
         assert_close_normwise(state[key], ref, rtol, atol, f'seed {k} {key}')
@@ -70,7 +80,7 @@ def assert_seed_equals_single(k, packed, optimizer, soft_labels, meters, single,
         assert_close_normwise(opt_state['state'][i]['momentum_buffer'], slot['momentum_buffer'], rtol, atol,
                               f'seed {k} momentum {i}')
     torch.testing.assert_close(soft_labels[k].table, single_soft.table, rtol=rtol, atol=atol)
-    torch.testing.assert_close(meters[k].sums, single_meter.sums, rtol=rtol, atol=atol)
+    torch.testing.assert_close(sums[k], single_sums[0], rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize('arch', ['small_cnn', 'resnet18'])
@@ -172,15 +182,15 @@ def test_layers_that_cannot_be_packed_are_refused():
 
 @pytest.mark.parametrize('name', ['at', 'sgls', 'trades', 'sgls_trades'])
 def test_packed_run_matches_each_seeds_single_run_float64(name):
-    method, data = Method(name, start_epoch=2), [seed_data(s, torch.float64) for s in SEEDS]
+    method_, data = method(name), [seed_data(s, torch.float64) for s in SEEDS]
     singles, single_streams = [], []
     for seed, (x, y, idx, labels) in zip(SEEDS, data):
         model = seed_model(seed, torch.float64)
-        single = (model, sgd(model.parameters()), SoftLabels(labels, CLASSES), EpochMeter('cpu'))
+        optimizer, soft, sums = sgd(model.parameters()), SoftLabels(labels, CLASSES, torch.float64), 0
         for i in range(STEPS):
-            train_step(single[0], single[1], x[i], y[i], idx[i], method=method, attack=ATTACK,
-                       soft_labels=single[2], epoch=epoch_of(i), meter=single[3])
-        singles.append(single)
+            sums = sums + train_step(model, optimizer, (x[i], y[i], idx[i]), method=method_, attack=ATTACK,
+                                     soft_labels=soft, epoch=epoch_of(i))
+        singles.append((model, optimizer, soft, sums))
         single_streams.append(torch.get_rng_state())
 
     models, streams = [], []
@@ -188,18 +198,18 @@ def test_packed_run_matches_each_seeds_single_run_float64(name):
         models.append(seed_model(seed, torch.float64))
         streams.append(rng_state('cpu'))
     packed = pack_models(models)
-    optimizer, meters = sgd(packed.parameters()), [EpochMeter('cpu') for _ in SEEDS]
-    soft_labels = [SoftLabels(labels, CLASSES) for *_, labels in data]
+    optimizer, sums = sgd(packed.parameters()), 0
+    soft_labels = [SoftLabels(labels, CLASSES, torch.float64) for *_, labels in data]
     xs, ys, idxs = (torch.stack([d[j] for d in data], 1) for j in range(3))  # [STEPS, K, ...]
     torch.manual_seed(12345)
     outer = torch.get_rng_state()
     for i in range(STEPS):
-        packed_train_step(packed, optimizer, xs[i], ys[i], idxs[i], method=method, attack=ATTACK,
-                          soft_labels=soft_labels, epoch=epoch_of(i), meters=meters, rng_states=streams)
+        sums = sums + packed_step(packed, optimizer, xs[i], ys[i], idxs[i], method=method_, attack=ATTACK,
+                                  soft_labels=soft_labels, epoch=epoch_of(i), rng_states=streams)
     assert torch.equal(torch.get_rng_state(), outer), 'the packed step must not move the global stream'
     for k, single in enumerate(singles):
         assert torch.equal(streams[k], single_streams[k]), f'seed {k} drew other random numbers than alone'
-        assert_seed_equals_single(k, packed, optimizer, soft_labels, meters, single, rtol=1e-6, atol=1e-9)
+        assert_seed_equals_single(k, packed, optimizer, soft_labels, sums, single, rtol=1e-9, atol=1e-12)
     if name.startswith('sgls'):
         assert soft_labels[0].table.max(1).values.min() < 0.99, 'SGLS never softened a label'
 
@@ -214,7 +224,7 @@ def test_packed_step_matches_single_step_float32(name):
     packed one, each measured against float64). Measured on this CPU: no event in 400 seed-steps with two seeds
     (whose grouped forward is bitwise the plain one here; another CPU or a GPU need not repeat that), about 1 in
     50 with three. So at most a tenth of the seed-steps may miss 1e-4; a bug would miss every one."""
-    method, data = Method(name, start_epoch=2), [seed_data(s, torch.float32) for s in SEEDS]
+    method_, data = method(name), [seed_data(s, torch.float32) for s in SEEDS]
     singles = [(m, sgd(m.parameters()), SoftLabels(labels, CLASSES))
                for m, (*_, labels) in zip([seed_model(s, torch.float32) for s in SEEDS], data)]
     single_streams = [torch.Generator().manual_seed(s).get_state() for s in SEEDS]  # any distinct streams do
@@ -228,18 +238,17 @@ def test_packed_step_matches_single_step_float32(name):
         optimizer.load_state_dict(pack_optimizer_state([copy.deepcopy(o.state_dict()) for _, o, *_ in singles]))
         for table, (_, _, soft) in zip(soft_labels, singles):
             table.table.copy_(soft.table)
-        streams, meters = [s.clone() for s in single_streams], [EpochMeter('cpu') for _ in SEEDS]
-        packed_train_step(packed, optimizer, xs[i], ys[i], idxs[i], method=method, attack=ATTACK,
-                          soft_labels=soft_labels, epoch=epoch_of(i), meters=meters, rng_states=streams)
+        streams = [s.clone() for s in single_streams]
+        sums = packed_step(packed, optimizer, xs[i], ys[i], idxs[i], method=method_, attack=ATTACK,
+                           soft_labels=soft_labels, epoch=epoch_of(i), rng_states=streams)
         for k, (model, single_opt, soft) in enumerate(singles):
-            meter = EpochMeter('cpu')
             torch.set_rng_state(single_streams[k])
-            train_step(model, single_opt, xs[i, k], ys[i, k], idxs[i, k], method=method, attack=ATTACK,
-                       soft_labels=soft, epoch=epoch_of(i), meter=meter)
+            single_sums = train_step(model, single_opt, (xs[i, k], ys[i, k], idxs[i, k]), method=method_,
+                                     attack=ATTACK, soft_labels=soft, epoch=epoch_of(i))
             single_streams[k] = torch.get_rng_state()
             assert torch.equal(streams[k], single_streams[k]), f'step {i}: seed {k} drew other random numbers'
             try:
-                assert_seed_equals_single(k, packed, optimizer, soft_labels, meters, (model, single_opt, soft, meter),
+                assert_seed_equals_single(k, packed, optimizer, soft_labels, sums, (model, single_opt, soft, single_sums),
                                           rtol=1e-4, atol=1e-6)
             except AssertionError as e:
                 events.append(f'step {i}: {e}')

@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from engine.errors import ConfigError, UserError
@@ -32,7 +33,14 @@ def test_sweep_runs_resumes_skips_and_compares(tmp_path):
         assert (params['method.name'], params['training.seed']) == (n.split('-')[0], int(n[-1]))
         assert len(open(tmp_path / 'sweep' / n / 'metrics.jsonl').readlines()) == 2
     report = open(tmp_path / 'sweep' / 'compare' / 'report.md').read()
-    assert 'sgls' in report and 'at' in report
+    assert '- at: 2 run(s), seeds [0, 1]' in report and '- sgls: 2 run(s), seeds [0, 1]' in report
+    final_pgd = {m: [json.load(open(tmp_path / 'sweep' / f'{m}-s{s}' / 'final.json'))['rows']['final']['pgd']
+                     for s in (0, 1)] for m in ('at', 'sgls')}
+    final_section = report.split('## Final epoch')[1].split('## Gaps')[0]
+    for m, values in final_pgd.items():  # the report's row is these runs' mean and sample SD
+        assert f'| PGD | {m} | 2 | {np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} |' in final_section, report
+    diff = np.mean(final_pgd['sgls']) - np.mean(final_pgd['at'])
+    assert f'| sgls | final.pgd | {diff:.2f} |' in report, report
     logs.clear()
     sweep([], args, log=logs.append)
     assert '4 runs, 4 done' in logs[0] and len(logs) == 1

@@ -7,7 +7,8 @@ import torch
 
 from engine import checkpoint, config
 from engine.errors import UserError
-from engine.trainer import eval_checkpoint, train
+from engine.train.final import eval_checkpoint
+from engine.train.loop import train
 
 TIMING = ('epoch_time_s', 'images_per_s')
 
@@ -102,6 +103,19 @@ def test_run_folder_is_never_mixed(data_dir, tmp_path):
         train(cfg, log=lambda *_: None)
     with pytest.raises(UserError, match="different config: attack.eps 16.0 -> 4.0"):
         train(tiny(data_dir, tmp_path, '--training.epochs=1', '--attack.eps=4', '--training.resume=true'),
+              log=lambda *_: None)
+    # params.json of an older version: lists as comma strings, and without a key added since; the same run
+    params_path = os.path.join(tmp_path, 'run', 'params.json')
+    params = json.load(open(params_path))
+    assert params['schedule.milestones'] == [4]
+    params['schedule.milestones'], params['data.synthetic_shape'] = '4', '3,16,16'
+    del params['method.noise_seed']
+    json.dump(params, open(params_path, 'w'))
+    resumed = tiny(data_dir, tmp_path, '--training.epochs=2', '--training.resume=true', '--evaluation.cw_steps=0')
+    train(resumed, log=lambda *_: None)
+    assert [r['epoch'] for r in read_run(os.path.join(tmp_path, 'run'))[0]] == [1, 2]
+    with pytest.raises(UserError, match=r"different config: schedule.milestones \(4,\) -> \(3,\)"):
+        train(tiny(data_dir, tmp_path, '--training.epochs=3', '--training.resume=true', '--schedule.milestones=3'),
               log=lambda *_: None)
     train(tiny(data_dir, tmp_path, '--training.epochs=1', '--output.overwrite=true'), log=lambda *_: None)
 

@@ -10,6 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from engine.stats import column_mean_ci95
+from writers.atomic import atomic_path
 
 DPI = 120
 
@@ -51,7 +52,8 @@ def _draw_band(axes, epochs, matrix, color, linestyle, label, limits=None):
 
 def _save(figure, path):
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=DPI)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=DPI, format="png")
     return path
 
 

@@ -7,7 +7,7 @@ import csv
 import io
 import os
 
-from writers.run_files import write_text_atomic
+from writers.atomic import write_text_atomic
 
 METRIC_LABELS = {
     "clean": "clean", "pgd": "PGD", "cw": "CW", "autoattack": "AutoAttack", "worst": "worst case",

@@ -1,39 +1,13 @@
 """The files of one run folder: params.json, metrics.jsonl / metrics.csv / tensorboard/, final.json and
-final.md. Writes are atomic where a reader could otherwise see half a file; metrics.jsonl is appended a line at
-a time and flushed."""
+final.md, and a checkpoint's -eval.json / -eval.md. Writes are atomic (writers.atomic) where a reader could
+otherwise see half a file; metrics.jsonl is appended a line at a time and flushed."""
 import csv
 import io
 import json
-import math
 import os
 
-
-def write_text_atomic(path, text):
-    """Write to a temporary name beside `path`, then rename: a reader or a crash never sees half a file."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        with open(tmp, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _clean(value):
-    """JSON has no NaN: a metric that was not measured is null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
-
-
-def write_json_atomic(path, obj):
-    write_text_atomic(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + '\n')
+from writers.atomic import json_safe, write_json_atomic, write_text_atomic
+from writers.tables import format_table
 
 
 class MetricsLog:
@@ -70,7 +44,7 @@ class MetricsLog:
                 self._board = SummaryWriter(self.tensorboard_dir, purge_step=epoch + 1)
 
     def append(self, record):
-        record = _clean(record)
+        record = json_safe(record)
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
             f.flush()
@@ -97,6 +71,21 @@ class MetricsLog:
         write_text_atomic(self.csv_path, buffer.getvalue())
 
 
-def write_final(run_dir, final, table_md):
-    write_json_atomic(os.path.join(run_dir, 'final.json'), final)
-    write_text_atomic(os.path.join(run_dir, 'final.md'), table_md + '\n')
+def write_params(run_dir, params):
+    write_json_atomic(os.path.join(run_dir, 'params.json'), params)
+
+
+def write_final(run_dir, rows, settings, **about):
+    """final.json (rows, settings and `about`: method, seed) and final.md; returns the table's text."""
+    table = format_table(rows, settings)
+    write_json_atomic(os.path.join(run_dir, 'final.json'), {'rows': rows, 'settings': settings, **about})
+    write_text_atomic(os.path.join(run_dir, 'final.md'), table + '\n')
+    return table
+
+
+def write_eval(stem, checkpoint, row, settings):
+    """<stem>-eval.json and <stem>-eval.md beside an evaluated checkpoint; returns the table's text."""
+    table = format_table({os.path.basename(checkpoint): row}, settings)
+    write_json_atomic(stem + '-eval.json', {'checkpoint': checkpoint, 'row': row, 'settings': settings})
+    write_text_atomic(stem + '-eval.md', table + '\n')
+    return table

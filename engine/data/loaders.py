@@ -99,6 +99,12 @@ def read_beton(path: str, expect_shape=None) -> tuple[np.ndarray, np.ndarray]:
     return images, _column(reader, 'label').astype(np.int64)
 
 
+def labels_by_index(path: str) -> torch.Tensor:
+    """int64 [N]: the label of every image of a beton, by its index (soft-label initialization, label noise)."""
+    _, reader = _checked_reader(path)
+    return torch.from_numpy(_column(reader, 'label').astype(np.int64))  # index == row, checked on open
+
+
 def split_train_val(n: int, val_size: int, split_seed: int, train_limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) sorted int64 beton indices. Depends on (n, val_size, split_seed) only, never on the training
     seed, so every method and seed is validated on the same images. train_limit > 0 keeps the first train_limit."""

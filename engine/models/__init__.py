@@ -1,4 +1,8 @@
-"""Model zoo: build_model(arch, ...) -> nn.Module taking images in [0, 1] (NCHW, any memory format)."""
+"""Model zoo: build_model(arch, ...) -> nn.Module taking images in [0, 1] (NCHW, any memory format).
+
+The registry _BUILDERS is the one list of architectures: the config's `model.arch` choices are its names.
+Adding an arch is its module and one entry here.
+"""
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -11,8 +15,6 @@ from engine.models.resnet import resnet18
 from engine.models.small_cnn import small_cnn
 from engine.models.wideresnet import wrn34_10
 
-ARCHS = ('resnet18', 'preact_resnet18', 'wrn34_10', 'small_cnn')
-
 # What `width` means per family and its default (used when width == 0).
 _BUILDERS = {
     'resnet18': (resnet18, 64),          # base width of the first stage (stages: w, 2w, 4w, 8w)
@@ -20,6 +22,7 @@ _BUILDERS = {
     'wrn34_10': (wrn34_10, 10),          # widen factor (stages: 16k, 32k, 64k)
     'small_cnn': (small_cnn, 32),        # channels of the first convs (then 2w)
 }
+ARCHS = tuple(_BUILDERS)
 
 
 class Normalize(nn.Module):

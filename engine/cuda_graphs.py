@@ -2,9 +2,10 @@
 
 A PGD-10 step launches thousands of small kernels; at CIFAR sizes a GPU would mostly wait for Python and the
 launch queue. Replayed as a graph, a step is one launch. What capture needs, and how it is met here:
-- static shapes and addresses: each batch is copied into static input buffers; one graph per (SGLS phase,
-  batch shape), all sharing one memory pool;
-- no host sync inside the step: train_step has none (its metrics stay on the device, see EpochMeter);
+- static shapes and addresses: each batch is copied into static input buffers; one graph per (method phase,
+  batch shape), all sharing one memory pool; the statistics the step returns are a static output, refilled by
+  every replay (the loop adds them up before the next replay);
+- no host sync inside the step: train_step has none (its statistics stay on the device);
 - lazily built state must exist before capture (momentum buffers, compiled kernels for every mode the step
   uses, cuBLAS/cuDNN handles): a graph is captured only after `warmup` plain steps with the same key, run on a
   side stream as PyTorch's CUDA-graph notes ask;
@@ -20,64 +21,51 @@ import time
 
 import torch
 
-from engine.step import EpochMeter
-
 WARMUP_STEPS = 3
 
 
-class _CapturedStats(EpochMeter):
-    """Stands in for the epoch's meter during capture: keeps the step's stats tensor, a static graph output."""
-
-    def __init__(self):
-        super().__init__('cuda')
-        self.stats = None
-
-    def add_stats(self, stats, n):
-        self.stats = stats
-
-
 class GraphedStep:
-    """step(optimizer, x, y, idx, *, method, epoch, meter, **kw) replayed as CUDA graphs; same signature."""
+    """step(optimizer, batch, *, method, epoch, **kw) -> statistics, replayed as CUDA graphs; same signature."""
 
     def __init__(self, step, warmup=WARMUP_STEPS, log=None):
         self.step, self.warmup, self.log = step, warmup, log
-        self.graphs = {}      # key -> (graph, static inputs, static stats)
+        self.graphs = {}      # key -> (graph, static batch, static statistics)
         self.plain_steps = {}  # key -> warm-up steps run so far
         self.pool = None
         self.side = torch.cuda.Stream()
         self.capture_seconds = 0.0
 
-    def __call__(self, optimizer, x, y, idx, *, method, epoch, meter, **kw):
-        key = (method.soft_labels_active(epoch), tuple(x.shape))
+    def __call__(self, optimizer, batch, *, method, epoch, **kw):
+        key = (method.phase(epoch), tuple(tuple(t.shape) for t in batch))
         if key not in self.graphs:
             if self.plain_steps.get(key, 0) < self.warmup:
                 self.plain_steps[key] = self.plain_steps.get(key, 0) + 1
                 self.side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self.side):
-                    self.step(optimizer, x, y, idx, method=method, epoch=epoch, meter=meter, **kw)
+                    stats = self.step(optimizer, batch, method=method, epoch=epoch, **kw)
                 torch.cuda.current_stream().wait_stream(self.side)
-                return
-            self.graphs[key] = self._capture(optimizer, x, y, idx, method=method, epoch=epoch, **kw)
+                stats.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
+                return stats
+            self.graphs[key] = self._capture(optimizer, batch, method=method, epoch=epoch, **kw)
         graph, static, stats = self.graphs[key]
-        for buffer, value in zip(static, (x, y, idx)):
+        for buffer, value in zip(static, batch):
             buffer.copy_(value)
         graph.replay()
-        meter.add_stats(stats, x.shape[0])
+        return stats
 
-    def _capture(self, optimizer, x, y, idx, **kw):
+    def _capture(self, optimizer, batch, **kw):
         start = time.perf_counter()
         torch.cuda.synchronize()
-        static = (x.clone(), y.clone(), idx.clone())
-        out = _CapturedStats()
+        static = tuple(t.clone() for t in batch)
         optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.step(optimizer, *static, meter=out, **kw)
+            stats = self.step(optimizer, static, **kw)
         self.pool = graph.pool()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
         if self.log:
-            self.log(f'captured the training step as a CUDA graph (batch {tuple(x.shape)}, SGLS soft labels '
-                     f"{'on' if kw['method'].soft_labels_active(kw['epoch']) else 'off'}) in {seconds:.1f}s")
-        return graph, static, out.stats
+            self.log(f'captured the training step as a CUDA graph (batch {tuple(batch[0].shape)}, method phase '
+                     f"{kw['method'].phase(kw['epoch'])!r}) in {seconds:.1f}s")
+        return graph, static, stats

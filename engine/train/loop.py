@@ -1,0 +1,217 @@
+"""The epoch loop: one loop for one run or K runs of seeds trained packed as one model (sweep --pack K).
+
+    for each epoch: learning rate, each run's data order -> steps (statistics summed on the device) ->
+                    each run closes its epoch (metrics, evaluation, checkpoints)        -> the final tables
+
+What differs between one run and packed seeds is the stepper: which model and optimizer train, how the runs'
+batches become one, and how the packed state goes back into each run after an epoch. Packed seeds keep
+everything they would have alone: their run folder, data order and augmentation (their own loaders),
+initialization (each model built after its own torch.manual_seed), attack noise (their own random stream,
+swapped in for their evaluation and checkpoint), BatchNorm statistics, momentum and soft labels (their slices of
+the packed tensors), so a seed's checkpoint is its single run's, and a packed run resumes packed or alone.
+The device is read once per epoch (the meter) and once per evaluation.
+"""
+import contextlib
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from engine import config as config_mod
+from engine.errors import UserError
+from engine.fast import FastStep
+from engine.packing import (PackedSeeds, pack_models, pack_optimizer_state, rng_state, seed_stream,
+                            unpack_optimizer_state, unpack_state)
+from engine.step import make_sgd, set_lr, train_step
+from engine.train.build import lr_at, resolve_device, uses_graphs
+from engine.train.run_state import Run
+
+# Keys that may differ between packed runs: what makes them different seeds, and where they write.
+PER_SEED_KEYS = ('training.seed', 'output.name')
+
+
+class EpochMeter:
+    """Each run's summed step statistics over an epoch, on the device ([K, 4], engine.step.STATS); the image
+    (per run) and step counts on the host."""
+
+    def __init__(self, num_runs, device):
+        self.sums = torch.zeros(num_runs, 4, dtype=torch.float64, device=device)
+        self.images = self.steps = 0
+
+    def add(self, stats, n):
+        self.sums += stats
+        self.images += n
+        self.steps += 1
+
+    def read(self):
+        """The one host sync of the epoch: per run, the sums with the counts."""
+        return [dict(loss=loss, robust=robust, clean=clean, grad_norm=grad, images=self.images, steps=self.steps)
+                for loss, robust, clean, grad in self.sums.tolist()]
+
+
+class SingleStepper:
+    """Trains one run's own model with its own optimizer, by the eager or the fast step (training.engine)."""
+
+    def __init__(self, run, log):
+        self.run, t = run, run.cfg.training
+        self.fast = t.engine == 'fast'
+        self.optimizer = run.optimizer
+        if self.fast:
+            self.step_fn = FastStep(run.model, run.device, precision=t.precision, channels_last=t.channels_last,
+                                    compile=t.compile, cuda_graphs=t.cuda_graphs, log=log)
+            self.net, self.autocast = self.step_fn.net, self.step_fn.autocast
+            log(f'fast engine: precision {self.step_fn.precision}, channels_last {t.channels_last}, compile '
+                f'{t.compile}, cuda_graphs {self.step_fn.graphed is not None}')
+        else:
+            self.step_fn = lambda optimizer, batch, **kw: train_step(run.model, optimizer, batch, **kw)
+            self.net, self.autocast = run.model, contextlib.nullcontext
+
+    def batch(self, batches):
+        (x, _, idx), = batches
+        return x, self.run.labels[idx], idx  # the (possibly noise-corrupted) label of each image, by index
+
+    def step(self, batch, epoch):
+        run = self.run
+        return self.step_fn(self.optimizer, batch, method=run.method, attack=run.attack,
+                            soft_labels=run.soft_labels, epoch=epoch)
+
+    def end_epoch(self):
+        pass
+
+    def seed(self, k):
+        return contextlib.nullcontext()
+
+    def eval_model(self, k):
+        return self.net
+
+
+class PackedStepper:
+    """Trains K runs' models as one packed model (engine.packing) with one SGD over its parameters; after each
+    epoch the packed weights and optimizer state are split back into each run's model and optimizer."""
+
+    fast, autocast = False, contextlib.nullcontext
+
+    def __init__(self, runs, streams):
+        self.runs, self.streams, self.device = runs, streams, runs[0].device
+        self.packed = pack_models([r.model for r in runs])
+        o = runs[0].cfg.optimizer
+        self.optimizer = make_sgd(self.packed.parameters(), lr=o.lr, momentum=o.momentum,
+                                  weight_decay=o.weight_decay, nesterov=o.nesterov)
+        self.optimizer.load_state_dict(pack_optimizer_state([r.optimizer.state_dict() for r in runs]))
+        self.seeds = PackedSeeds(len(runs), streams)
+        self.tables = [r.soft_labels for r in runs] if runs[0].soft_labels is not None else None
+
+    def batch(self, batches):
+        xs = torch.stack([x for x, _, _ in batches])  # a copy: FFCV may reuse its batch buffers
+        idxs = torch.stack([idx for _, _, idx in batches])
+        return xs, torch.stack([r.labels[idx] for r, (_, _, idx) in zip(self.runs, batches)]), idxs
+
+    def step(self, batch, epoch):
+        run = self.runs[0]
+        return train_step(self.packed, self.optimizer, batch, method=run.method, attack=run.attack,
+                          soft_labels=self.tables, epoch=epoch, seeds=self.seeds)
+
+    def end_epoch(self):
+        for run, model_state, optimizer_state in zip(self.runs, unpack_state(self.packed), unpack_optimizer_state(
+                self.optimizer.state_dict(), len(self.runs))):
+            run.model.load_state_dict(model_state)
+            run.optimizer.load_state_dict(optimizer_state)
+
+    def seed(self, k):
+        """Seed k's random stream in the body: its evaluation noise and its checkpoint's RNG state."""
+        return seed_stream(self.streams, k, self.device)
+
+    def eval_model(self, k):
+        return self.runs[k].model
+
+
+def check_packable(cfgs):
+    """Raise UserError unless the configs are one run apart from PER_SEED_KEYS, on the eager engine."""
+    flats = [config_mod.flat(c) for c in cfgs]
+    differ = sorted({k for f in flats[1:] for k in f if f[k] != flats[0][k] and k not in PER_SEED_KEYS})
+    if differ:
+        raise UserError(f"packed seeds must share their config but for {', '.join(PER_SEED_KEYS)}; "
+                        f"these differ: {', '.join(differ)}")
+    if cfgs[0].training.engine != 'eager':
+        raise UserError('packed seeds train with the eager step: set --training.engine=eager (or do not pack)')
+    if len({c.training.seed for c in cfgs}) != len(cfgs):
+        raise UserError('packed seeds must be different seeds')
+
+
+def progress_bar(cfg, batches, epoch, total):
+    on = cfg.training.progress == 'on' or (cfg.training.progress == 'auto' and sys.stderr.isatty())
+    return tqdm(batches, total=total, desc=f'epoch {epoch}', disable=not on, leave=False, file=sys.stderr,
+                unit='batch', dynamic_ncols=True)
+
+
+def show_progress(bar, i, meter, t0):
+    """Every 20 steps of a visible bar: mean training loss so far (over the runs) and images/s (all runs).
+    A host read, so only then."""
+    if not bar.disable and i % 20 == 19:
+        images = meter.images * meter.sums.shape[0]
+        bar.set_postfix(loss=f'{meter.sums[:, 0].sum().item() / images:.4f}',
+                        img_s=f'{images / (time.perf_counter() - t0):.0f}')
+
+
+def train_runs(runs, stepper, log):
+    """The epoch loop over runs (one, or the packed seeds of stepper) from their start epoch to the end or to
+    training.stop_after; then each run's final table. Returns the runs' folders."""
+    cfg = runs[0].cfg
+    try:
+        for epoch in range(runs[0].start, cfg.training.epochs + 1):
+            lr = lr_at(cfg, epoch)
+            set_lr(stepper.optimizer, lr)
+            for run in runs:
+                run.loaders.train.set_epoch(epoch)
+            meter = EpochMeter(len(runs), runs[0].device)
+            t0 = time.perf_counter()
+            bar = progress_bar(cfg, zip(*(r.loaders.train for r in runs)), epoch, total=len(runs[0].loaders.train))
+            for i, batches in enumerate(bar):
+                batch = stepper.batch(batches)
+                meter.add(stepper.step(batch, epoch), batch[1].shape[-1])
+                show_progress(bar, i, meter, t0)
+                if i == 0 and stepper.fast and runs[0].epochs_this_run == 0:
+                    meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
+                    log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')
+            seconds = time.perf_counter() - t0
+            stepper.end_epoch()
+            stop = False
+            for k, (run, stats) in enumerate(zip(runs, meter.read())):
+                with stepper.seed(k):
+                    stop = run.end_epoch(epoch, lr, stats, seconds, stepper.eval_model(k), stepper.autocast) or stop
+            if stop:
+                return [r.run_dir for r in runs]
+        for k, run in enumerate(runs):
+            with stepper.seed(k):
+                run.finish()
+        return [r.run_dir for r in runs]
+    finally:
+        for run in runs:
+            run.metrics.close()
+
+
+def train(cfg, log=print):
+    """Train one run to the end (or to training.stop_after epochs); returns its folder."""
+    device = resolve_device(cfg.training.device)
+    run = Run(cfg, device, log, graphed=uses_graphs(cfg, device))
+    stepper = SingleStepper(run, log)  # before restore: a channels-last model then receives the checkpoint
+    run.restore()
+    return train_runs([run], stepper, log)[0]
+
+
+def train_packed(cfgs, log=print):
+    """Train the runs of `cfgs` (see check_packable) packed; returns their folders."""
+    check_packable(cfgs)
+    device = resolve_device(cfgs[0].training.device)
+    runs, streams = [], []
+    for c in cfgs:  # each seed's set-up draws from its own freshly seeded (or restored) stream, as alone
+        run = Run(c, device, log)
+        run.restore()
+        runs.append(run)
+        streams.append(rng_state(device))
+    if len({r.start for r in runs}) != 1:
+        raise UserError('packed seeds must resume from the same epoch; got '
+                        + ', '.join(f'{r.run_dir}: {r.start - 1}' for r in runs))
+    log(f'packed {len(runs)} seeds ({", ".join(str(c.training.seed) for c in cfgs)}) as one model')
+    return train_runs(runs, PackedStepper(runs, streams), log)

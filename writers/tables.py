@@ -1,0 +1,56 @@
+"""Text a person reads: the final-table Markdown and the per-epoch log line."""
+
+# Column order of the final table; 'worst' = correct under every attack evaluated.
+TABLE_COLUMNS = ('clean', 'fgsm', 'pgd', 'cw', 'autoattack', 'worst')
+
+
+def _over_255(value: float) -> str:
+    """8/255 for 0.0313..., 2.5/255 when not a whole number of 1/255 steps."""
+    k = round(value * 255, 4)
+    return f'{k:g}/255'
+
+
+def format_table(rows: dict[str, dict], settings: dict) -> str:
+    """Markdown table: one row per key (e.g. 'best', 'final'); columns epoch (if any row has it) and the
+    accuracies present in any row (2 decimals); then a line with the evaluation settings."""
+    columns = [c for c in ('epoch',) + TABLE_COLUMNS if any(c in row for row in rows.values())]
+    lines = ['| checkpoint | ' + ' | '.join(columns) + ' |',
+             '|---|' + '---:|' * len(columns)]
+    for label, row in rows.items():
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            if value is None:
+                cells.append('-')
+            elif column == 'epoch':
+                cells.append(str(int(value)))
+            else:
+                cells.append(f'{value:.2f}')
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+
+    described = []
+    if 'eps' in settings:
+        described.append(f"eps = {_over_255(settings['eps'])}")
+    if 'step_size' in settings:
+        described.append(f"step size = {_over_255(settings['step_size'])}")
+    for key, text in (('pgd_steps', 'PGD steps'), ('cw_steps', 'CW steps'),
+                      ('autoattack_version', 'AutoAttack version')):
+        if key in settings:
+            described.append(f'{text} = {settings[key]}')
+    if 'n' in settings:
+        described.append(f"n = {settings['n']} examples")
+    if settings.get('autoattack_n') not in (None, settings.get('n')):
+        described.append(f"AutoAttack on the first {settings['autoattack_n']} of them")
+    if 'best_selected_on' in settings:
+        described.append(f"best checkpoint chosen on {settings['best_selected_on']}")
+    return '\n'.join(lines) + '\n\n' + ', '.join(described) + '\n'
+
+
+def epoch_line(r: dict) -> str:
+    """One finished epoch of metrics.jsonl as a log line ('-' for what was not measured)."""
+    def f(key, fmt='{:.2f}'):
+        return fmt.format(r[key]) if r.get(key) is not None else '-'
+    return (f"epoch {r['epoch']:>3} lr {r['lr']:.4g} loss {f('train_loss', '{:.4f}')} "
+            f"train clean/rob {f('train_clean_acc')}/{f('train_robust_acc')} "
+            f"test clean/pgd {f('test_clean_acc')}/{f('test_pgd_acc')} val pgd {f('val_pgd_acc')} "
+            f"|g| {f('grad_norm', '{:.3f}')} {f('epoch_time_s', '{:.1f}')}s {f('images_per_s', '{:.0f}')} img/s")
