@@ -1,1 +1,2 @@
-"""Adversarial-training engine: data -> step (model, attack, method, soft labels) -> trainer -> writers."""
+"""Adversarial-training engine: data -> step (model, attack, method, soft labels) -> epoch loop (engine.train)
+-> writers."""

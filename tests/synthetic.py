@@ -4,7 +4,7 @@ import torch
 
 def synthetic_batches(seed, *, steps, batch, classes, size=16, channels=3):
     """x [steps, batch, C, size, size] in [0, 1], labels y [steps, batch], indices idx [steps, batch] (distinct
-    within a batch), and `labels` [steps * batch] with labels[idx] == y (what the trainer looks up by index)."""
+    within a batch), and `labels` [steps * batch] with labels[idx] == y (what the epoch loop looks up by index)."""
     g = torch.Generator().manual_seed(seed)
     centers = torch.rand(classes, channels, 1, 1, generator=g)
     y = torch.randint(0, classes, (steps, batch), generator=g)

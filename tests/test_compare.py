@@ -32,7 +32,7 @@ def _row(values, pgd):
 
 
 def _curve(seed, offset):
-    """Per-epoch records; epoch 3 has no evaluation (its test/val keys are absent, as the trainer writes them)."""
+    """Per-epoch records; epoch 3 has no evaluation (its test/val keys are absent, as the epoch loop writes them)."""
     records = []
     for epoch in range(1, EPOCHS + 1):
         record = {"epoch": epoch, "lr": 0.1, "train_loss": 2.0 / epoch, "train_clean_acc": 50 + 5 * epoch,

@@ -220,5 +220,6 @@ def test_no_method_is_recognised_by_its_name_outside_methods_py():
     for path in glob.glob(os.path.join(root, '**', '*.py'), recursive=True):
         if os.path.basename(path) != 'methods.py':
             with open(path) as f:
-                found += [f'{os.path.relpath(path, root)}:{line}: {text}' for line, text in _method_name_tests(f.read())]
+                found += [f'{os.path.relpath(path, root)}:{line}: {text}'
+                          for line, text in _method_name_tests(f.read())]
     assert not found, found

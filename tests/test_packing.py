@@ -53,7 +53,7 @@ def seed_data(seed, dtype):
 
 
 def seed_model(seed, dtype, arch='small_cnn', **kw):
-    """As the trainer: seed the global RNG, then build; training goes on drawing from the same stream."""
+    """As a Run: seed the global RNG, then build; training goes on drawing from the same stream."""
     torch.manual_seed(seed)
     return build_model(arch, CLASSES, in_channels=3, width=8, **kw).to(dtype)
 
@@ -248,8 +248,8 @@ def test_packed_step_matches_single_step_float32(name):
             single_streams[k] = torch.get_rng_state()
             assert torch.equal(streams[k], single_streams[k]), f'step {i}: seed {k} drew other random numbers'
             try:
-                assert_seed_equals_single(k, packed, optimizer, soft_labels, sums, (model, single_opt, soft, single_sums),
-                                          rtol=1e-4, atol=1e-6)
+                assert_seed_equals_single(k, packed, optimizer, soft_labels, sums,
+                                          (model, single_opt, soft, single_sums), rtol=1e-4, atol=1e-6)
             except AssertionError as e:
                 events.append(f'step {i}: {e}')
     assert len(events) <= STEPS * len(SEEDS) // 10, events

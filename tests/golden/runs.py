@@ -6,9 +6,16 @@ Each case is `run.py sweep` of one method over seeds 0 and 1 on tiny synthetic d
 so both of its phases run), as single eager runs, single fast runs (torch.compile and channels-last on the CPU;
 no autocast in fp64) or packed eager runs (--pack 2). A run is recorded by what it writes: metrics.jsonl
 (without timings), final.json's rows, and fingerprints of every tensor of checkpoints/last.pt and best.pt (sum,
-L2 norm, a sum weighted by cos(0.7 i), which sees a permuted or misplaced element, and the element count) plus a hash of the RNG
-state. float64 makes the record hold on any CPU: kernels that sum in another order differ by ~1e-16, far below
-the 1e-9 relative tolerance of tests/test_golden.py, while any change of what is computed moves it by far more.
+L2 norm, a sum weighted by cos(0.7 i), which sees a permuted or misplaced element, and the element count) plus
+a hash of the RNG state.
+
+float64 makes the record hold on any CPU: kernels that sum in another order differ by ~1e-16, far below the 1e-9
+tolerance of tests/test_golden.py, while a change of what is computed moves it by far more. Checked on the AMD
+EPYC (AVX-512) that recorded it, by running the cases with other kernels: with ATen's AVX2 kernels and MKL's
+AVX2 path (ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2) the eager and packed cases were bitwise equal (the compiled
+ones could not run so: inductor's cached kernels gave NaN); with MKL's AVX-512 path (MKL_CBWR=AVX512) and with
+one thread all cases were within 3e-11, eager and packed ones bitwise. The record was made by the code before the re-layout (see meta.git_commit); rewrite
+it only for a change that is meant to change results, and say so in the commit.
 """
 import datetime
 import hashlib
