@@ -78,9 +78,9 @@ def train_step(model, optimizer, batch, *, method, attack, soft_labels, epoch, s
     grad_norms = seeds.grad_norms(model)
     scaler.step(optimizer)  # fp16: skipped on overflow (the scaler reads one flag back per step)
     scaler.update()
-    n = y.shape[-1]
-    return torch.stack([upcast(losses.detach()) * n, upcast(correct(logits.detach(), net_y)), upcast(clean_correct),
-                        upcast(grad_norms)], dim=1).double()
+    loss_x_n = upcast(losses.detach()) * y.shape[-1]  # in the loss's dtype, then summed in float64 by the loop
+    return torch.stack([loss_x_n.double(), correct(logits.detach(), net_y).double(), clean_correct.double(),
+                        grad_norms.double()], dim=1)
 
 
 def make_sgd(params, *, lr, momentum, weight_decay, nesterov=False, device=None, graphed=False):
