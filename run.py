@@ -7,9 +7,13 @@
     python run.py compare  RUN_DIRS... [--out DIR] [--baseline METHOD]   many-seed statistics, report and plots
 
 `python run.py train --help` lists every config key. Errors in the input (config, data, checkpoints) print one
-message naming the file and field, and exit with code 2.
+message naming the file and field, and exit with code 2; so does a full disk, a read-only file system or a denied
+permission (naming the folder or file). A run that failed (its loss or weights stopped being finite) exits with 3,
+an interrupted one (Ctrl-C) with 130.
 """
+import errno
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -64,12 +68,46 @@ def main(argv):
     return 0
 
 
-if __name__ == '__main__':
+# OSErrors a user fixes outside the program (free space, a writable folder), as one line instead of a traceback.
+# torch's own full-disk RuntimeErrors are converted by engine.checkpoint.
+OS_ERRORS = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'no space left on device (disk quota exceeded)',
+             errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied', errno.EPERM: 'permission denied'}
+
+
+def os_error_message(e):
+    """'<file or folder>: no space left on device' for the OSErrors of OS_ERRORS, else None (a bug: traceback)."""
+    text = OS_ERRORS.get(e.errno)
+    if text is None:
+        return None
+    where = [_target(os.fsdecode(name)) for name in (e.filename, e.filename2) if name is not None]
+    return f"{' -> '.join(dict.fromkeys(where))}: {text}" if where else text
+
+
+def _target(path):
+    """writers.atomic writes <folder>/.<name>.<host>-<pid>.<random>.tmp first: name the file being written."""
+    from writers.atomic import _TEMP_NAME
+    folder, base = os.path.split(path)
+    match = _TEMP_NAME.match(base) or re.fullmatch(r'\.(?P<name>.+)\.[^.]+\.tmp', base)  # new form, or old
+    return os.path.join(folder, match['name']) if match else path
+
+
+def cli(argv):
+    """main() with its failures as (message on stderr, exit code): what `python run.py` does, callable by tests."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        return main(argv)
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+        return getattr(e, 'exit_code', 2)  # RunFailed: 3
+    except OSError as e:
+        message = os_error_message(e)
+        if message is None:
+            raise
+        print(f'error: {message}', file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(cli(sys.argv[1:]))

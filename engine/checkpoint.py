@@ -6,8 +6,11 @@ epoch, best-so-far record): enough that a killed run resumes exactly. A new part
 reference) is one more entry of that mapping, anything with state_dict() / load_state_dict(). The data order
 needs no state: it is a pure function of (seed, epoch).
 """
+import errno
+import hashlib
 import json
 import os
+import shutil
 
 import torch
 
@@ -43,11 +46,56 @@ class Progress:
         self.epoch, self.best = int(state['epoch']), dict(state['best'])
 
 
+class DataIdentity:
+    """What a run trains and tests on: image counts and a fingerprint (SHA-256 of the labels, in index order) of
+    each beton. Loading a checkpoint's identity into a run on other data raises: a resume never continues on a
+    different beton silently."""
+
+    def __init__(self, train_labels, test_labels):
+        self.identity = {f'{split}_{key}': value for split, labels in (('train', train_labels), ('test', test_labels))
+                         for key, value in (('images', len(labels)), ('fingerprint', fingerprint(labels)))}
+
+    def state_dict(self):
+        return dict(self.identity)
+
+    def load_state_dict(self, state):
+        differ = [f'{key} {state.get(key)!r} -> {value!r}' for key, value in self.identity.items()
+                  if state.get(key) != value]
+        if differ:
+            raise UserError('the data differs from the data the run was trained on (' + ', '.join(differ)
+                            + '); data.dir or the betons changed')
+
+
+def fingerprint(labels):
+    """SHA-256 (16 hex digits) of int64 labels by index: changes with the image count, the order or any label."""
+    array = torch.as_tensor(labels).to('cpu', torch.int64).contiguous().numpy()
+    return hashlib.sha256(array.tobytes()).hexdigest()[:16]
+
+
+def _write_failure(path, error):
+    """A UserError naming the folder for a failed write (torch reports a full disk as RuntimeError)."""
+    folder = os.path.dirname(path) or '.'
+    try:
+        full = shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        full = False
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or full:
+        reason = 'no space left on device'
+    elif not os.access(folder, os.W_OK) or isinstance(error, OSError) and error.errno == errno.EROFS:
+        reason = 'not writable (read-only or permission denied)'
+    else:
+        reason = f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
+    return UserError(f'{folder}: cannot write {os.path.basename(path)}: {reason}; the previous file is untouched')
+
+
 def save(path, parts, params):
     """Write {'params': ..., name: part.state_dict()} to path atomically (never half a checkpoint at path)."""
     state = {'params': json.dumps(params), **{name: part.state_dict() for name, part in parts.items()}}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        raise _write_failure(path, e) from e
 
 
 def load(path, device='cpu'):
@@ -70,12 +118,45 @@ def load(path, device='cpu'):
     return state
 
 
-def restore(path, parts, device='cpu'):
-    """Load each part from the checkpoint at path (every part must be there); returns the loaded dict."""
-    state = load(path, device)
-    missing = [name for name in parts if name not in state]
+def restore(path, parts, device='cpu', optional=(), state=None):
+    """Load each part from the checkpoint at path (every part must be there but those in `optional`, which
+    older checkpoints lack); returns the loaded dict. `state`: the checkpoint, when already loaded."""
+    state = load(path, device) if state is None else state
+    missing = [name for name in parts if name not in state and name not in optional]
     if missing:
         raise UserError(f"{path}: has no {', '.join(missing)} to resume from")
     for name, part in parts.items():
-        part.load_state_dict(state[name])
+        if name in state:
+            try:
+                part.load_state_dict(state[name])
+            except UserError as e:
+                raise UserError(f'{path}: {e}') from None
     return state
+
+
+def epoch_of(path):
+    """The last finished epoch recorded in the checkpoint at path, 0 when there is none."""
+    return load(path)['progress']['epoch'] if os.path.exists(path) else 0
+
+
+def settle_group(run_dirs, log=print):
+    """Make the runs of a packed group agree on their last epoch after a kill. A group writes each run's epoch-e
+    checkpoint as checkpoints/pending.pt (phase 1), then renames every pending.pt onto last.pt (phase 2). So if
+    every run has epoch e in pending.pt or last.pt, phase 1 finished: finish phase 2; otherwise it did not: drop
+    the pending checkpoints (every last.pt still holds epoch e - 1). Returns each run's last epoch."""
+    pending = {d: os.path.join(d, 'checkpoints', 'pending.pt') for d in run_dirs}
+    last = {d: os.path.join(d, 'checkpoints', 'last.pt') for d in run_dirs}
+    have = [d for d in run_dirs if os.path.exists(pending[d])]
+    if have:
+        epochs = {d: epoch_of(pending[d]) for d in have}
+        e = max(epochs.values())
+        if all(epochs.get(d) == e or epoch_of(last[d]) == e for d in run_dirs):
+            for d in have:
+                os.replace(pending[d], last[d])
+            log(f'packed group {", ".join(run_dirs)}: completed the checkpoint of epoch {e} interrupted by a kill')
+        else:
+            for d in have:
+                os.remove(pending[d])
+            log(f'packed group {", ".join(run_dirs)}: a kill interrupted the checkpoint of epoch {e}; the group '
+                f'resumes from the epoch before, as one')
+    return [epoch_of(last[d]) for d in run_dirs]

@@ -1,11 +1,14 @@
 """Many-seed comparison of finished runs: group by method, summarize each metric, test each method against a baseline.
 
 `python run.py compare RUN_DIRS... [--out DIR] [--baseline NAME] [--group-by KEY]`. A run folder is one that holds
-params.json; it is complete once final.json exists. Incomplete runs are listed as skipped, never counted. This module
-only builds the summary dict; the files (summary.json, summary.csv, report.md, PNGs) are formatted by writers/.
+params.json; it is complete once final.json exists. Incomplete runs are listed as skipped, failed runs (those with a
+failed.json: training diverged) as failed, and neither is ever counted; a metric a complete run recorded as null or
+NaN is listed as missing and left out of that metric's statistics. This module only builds the summary dict; the
+files (summary.json, summary.csv, report.md, PNGs) are formatted by writers/.
 """
 import argparse
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -101,21 +104,55 @@ def find_run_dirs(paths):
     return unique
 
 
-def run_metric_values(run):
-    """{metric name: value} for one complete run; metrics the run did not record are absent."""
-    values = {}
+def read_failure(path):
+    """The 'failed' entry of a run folder holding failed.json (written by the training loop when the loss or the
+    weights stopped being finite). A damaged failed.json still marks the run failed: it is left out either way."""
+    try:
+        record = _read_json(os.path.join(path, "failed.json"))
+    except UserError as error:
+        record = {"reason": f"unreadable failed.json ({error})"}
+    if not isinstance(record, dict):
+        record = {"reason": "failed.json is not a JSON object"}
+    epoch = record.get("epoch")
+    return {"path": path, "epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+            "reason": str(record.get("reason") or "training failed"),
+            "value": None if record.get("value") is None else str(record["value"]),
+            "time": None if record.get("time") is None else str(record["time"])}
+
+
+def _is_number(value):
+    """A measured value: json.load gives NaN for 'NaN' and None for null, and True is an int; none is a metric."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _recorded(run):
+    """[(metric, file, raw value)] of every metric the run recorded, whether or not the value is a number."""
+    entries = []
     for row in ROWS:
         row_values = run.final["rows"].get(row) or {}
-        for column in ROW_COLUMNS:
-            if isinstance(row_values.get(column), (int, float)):
-                values[f"{row}.{column}"] = float(row_values[column])
+        if isinstance(row_values, dict):
+            entries += [(f"{row}.{column}", "final.json", row_values[column])
+                        for column in ROW_COLUMNS if column in row_values]
+    # Epochs without evaluation carry no robust_gap, so take the last epoch that has one.
+    evaluated = [record for record in run.metrics if "robust_gap" in record]
+    if evaluated:
+        entries.append((TRAIN_TEST_GAP, "metrics.jsonl", evaluated[-1]["robust_gap"]))
+    return entries
+
+
+def run_metric_values(run):
+    """{metric name: value} for one complete run; metrics the run did not record, or recorded as null / NaN /
+    not a number, are absent (the latter listed by missing_values)."""
+    values = {metric: float(value) for metric, _, value in _recorded(run) if _is_number(value)}
     if "best.pgd" in values and "final.pgd" in values:
         values[OVERFIT_GAP] = values["best.pgd"] - values["final.pgd"]
-    # Epochs without evaluation carry no robust_gap, so take the last epoch that has one.
-    evaluated = [record for record in run.metrics if isinstance(record.get("robust_gap"), (int, float))]
-    if evaluated:
-        values[TRAIN_TEST_GAP] = float(evaluated[-1]["robust_gap"])
     return values
+
+
+def missing_values(run):
+    """The 'missing' entries of one complete run: metrics it recorded without a finite number."""
+    return [{"path": run.path, "metric": metric, "file": file, "value": json.dumps(value, default=str)}
+            for metric, file, value in _recorded(run) if not _is_number(value)]
 
 
 def _group_runs(runs, group_by):
@@ -182,8 +219,13 @@ def _settings_warnings(runs):
     return warnings
 
 
-def build_summary(runs, skipped, *, baseline=None, group_by="method.name"):
-    """The summary dict for complete runs: per-group metric summaries and per-method tests against the baseline."""
+def build_summary(runs, skipped, *, failed=(), baseline=None, group_by="method.name"):
+    """The summary dict for complete runs: per-group metric summaries and per-method tests against the baseline;
+    skipped (unfinished) and failed runs are only listed."""
+    if not runs:
+        raise UserError(f"no finished run to compare: {len(skipped)} unfinished (no final.json), {len(failed)} failed"
+                        + "".join(f"; {item['path']}: failed at epoch {item['epoch']} ({item['reason']})"
+                                  for item in list(failed)[:3]))
     groups = _group_runs(runs, group_by)
     if baseline is None:
         baseline = DEFAULT_BASELINE if DEFAULT_BASELINE in groups else next(iter(groups))
@@ -226,6 +268,8 @@ def build_summary(runs, skipped, *, baseline=None, group_by="method.name"):
         "groups": summary_groups,
         "comparisons": comparisons,
         "skipped": skipped,
+        "failed": list(failed),
+        "missing": [entry for run in runs for entry in missing_values(run)],
         "warnings": _settings_warnings(runs),
         "plots": [],
     }
@@ -242,17 +286,18 @@ def _curves_by_group(runs, group_by):
 def compare(run_dirs, out_dir, *, baseline=None, group_by="method.name"):
     """Compare the complete runs in run_dirs (run or sweep folders) and write summary.json, summary.csv,
     report.md and PNG plots into out_dir. Returns the summary dict (as written to summary.json)."""
-    runs, skipped = [], []
+    runs, skipped, failed = [], [], []
     for path in find_run_dirs([os.fspath(path) for path in run_dirs]):
-        # Checked before parsing: an unfinished run may have a half-written metrics.jsonl that is no error.
+        # Checked before parsing: a failed or unfinished run may have a half-written metrics.jsonl that is no error.
+        if os.path.exists(os.path.join(path, "failed.json")):
+            failed.append(read_failure(path))
+            continue
         if not os.path.exists(os.path.join(path, "final.json")):
             skipped.append({"path": path, "reason": "no final.json (run incomplete or crashed)"})
             continue
         runs.append(load_run(path))
-    if not runs:
-        raise UserError(f"none of the {len(skipped)} run folders found is complete (no final.json in any)")
 
-    summary = build_summary(runs, skipped, baseline=baseline, group_by=group_by)
+    summary = build_summary(runs, skipped, failed=failed, baseline=baseline, group_by=group_by)
     os.makedirs(out_dir, exist_ok=True)
     written_plots = plots.write_plots(_curves_by_group(runs, group_by), summary, out_dir)
     summary["plots"] = [os.path.relpath(path, out_dir) for path in written_plots]
@@ -273,6 +318,7 @@ def main(argv):
     out_dir = args.out or os.path.join(os.path.commonpath([os.path.abspath(p) for p in args.run_dirs]), "compare")
     summary = compare(args.run_dirs, out_dir, baseline=args.baseline, group_by=args.group_by)
     counted = sum(group["n_runs"] for group in summary["groups"].values())
-    print(f"compared {counted} runs in {len(summary['groups'])} groups ({len(summary['skipped'])} skipped); "
+    print(f"compared {counted} runs in {len(summary['groups'])} groups ({len(summary['skipped'])} skipped, "
+          f"{len(summary['failed'])} failed); "
           f"report: {os.path.join(out_dir, 'report.md')}")
     return 0

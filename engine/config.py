@@ -6,100 +6,27 @@ schema is fastargs' (Sections and Params, their checkers, the help), but we read
 ourselves, reject unknown keys (with close matches) and check every given value once with its Param's checker,
 which also converts it (lists are parsed here, once, into tuples); fastargs' own collection and validation are
 never run and the environment is never read. Priority: defaults < YAML files (in order) < command line.
+The checkers (strict scalars, lists, rules such as "one path component") are in engine/config_checks.py.
 
 The choices of data.dataset, model.arch and method.name come from their registries (engine.data.datasets,
 engine.models, engine.methods); the method section's keys are declared next to the losses (methods.PARAMS).
 """
 import difflib
 import json
-import math
+import re
+import sys
 
 import yaml
 from fastargs import Config, Param, Section
 from fastargs.dict_utils import NestedNamespace
-from fastargs.validation import Checker
 
 from engine.attacks import BN_MODES
+from engine.config_checks import P, Rule, is_folder_name
 from engine.data.datasets import DATASETS
 from engine.errors import ConfigError
 from engine.methods import METHODS, PARAMS as METHOD_PARAMS
 from engine.models import ARCHS
 from engine.precision import PRECISIONS
-
-
-class Strict(Checker):
-    """int / float / bool / str that refuse what Python's casts would silently accept (1.5 -> 1, 'False' -> True),
-    and lists (kind=tuple, elements of kind `of`) given as a YAML/JSON list or a comma-separated string."""
-
-    TRUE, FALSE = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
-
-    def __init__(self, kind, choices=None, low=None, high=None, of=None, length=None, increasing=False):
-        self.kind, self.choices, self.low, self.high = kind, choices, low, high
-        self.of, self.length, self.increasing = of, length, increasing
-
-    def check(self, value):
-        if self.kind is tuple:
-            if isinstance(value, str):
-                value = [part for part in value.split(',') if part.strip()]
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            value = tuple(self._scalar(self.of, v) for v in value)
-            if self.length is not None and len(value) != self.length:
-                raise ValueError
-            if self.increasing and list(value) != sorted(value):
-                raise ValueError
-            return value
-        return self._scalar(self.kind, value)
-
-    def _scalar(self, kind, v):
-        v = self._convert(kind, v)
-        if self.choices is not None and v not in self.choices:
-            raise ValueError
-        if self.low is not None and v < self.low or self.high is not None and v > self.high:
-            raise ValueError
-        return v
-
-    @classmethod
-    def _convert(cls, kind, v):
-        if kind is bool:
-            if isinstance(v, bool):
-                return v
-            if isinstance(v, str) and v.strip().lower() in cls.TRUE + cls.FALSE:
-                return v.strip().lower() in cls.TRUE
-            raise ValueError
-        if isinstance(v, bool):
-            raise ValueError
-        if kind is int:
-            if isinstance(v, int):
-                return v
-            if isinstance(v, str):
-                return int(v.strip())
-            raise ValueError
-        if kind is float:
-            out = float(v) if isinstance(v, (int, float, str)) else None
-            if out is None or not math.isfinite(out):
-                raise ValueError
-            return out
-        if not isinstance(v, (str, int, float)):
-            raise ValueError
-        return str(v)
-
-    def help(self):
-        text = {bool: 'true/false', int: 'an int', float: 'a float', str: 'a string'}.get(self.kind)
-        if self.choices is not None:
-            text = 'one of ' + ', '.join(map(str, self.choices))
-        if self.low is not None or self.high is not None:
-            text = f"{text or ''} in [{'' if self.low is None else self.low}, {'' if self.high is None else self.high}]"
-        if self.kind is tuple:  # the limits above apply to each element
-            count = f'{self.length} ' if self.length else ''
-            element = {int: 'int', float: 'number'}[self.of]
-            text = (f'a list of {count}{element}s (comma separated or a YAML list)'
-                    + (', increasing' if self.increasing else '') + (f', each{text}' if text else ''))
-        return text
-
-
-def P(kind, default, desc, **limits):
-    return Param(Strict(kind, **limits), desc, default=default)
 
 
 def declare(config):
@@ -135,8 +62,9 @@ def declare(config):
         std=P(tuple, (), 'per-channel std for normalize (empty = the dataset\'s statistics)', of=float, low=1e-12),
     )
     section('attack', 'Training attack (L-inf PGD); eps and step in units of 1/255').params(
-        eps=P(float, 8.0, 'L-inf radius, in 1/255', low=0.0),
-        step_size=P(float, 2.0, 'PGD step, in 1/255', low=0.0),
+        eps=P(float, 8.0, 'L-inf radius, in 1/255 (at most 255, the whole image range)', low=0.0, high=255.0),
+        step_size=P(float, 2.0, 'PGD step, in 1/255 (> 0: a step of 0 leaves the attack a no-op)', low=0.0,
+                    above=True),
         steps=P(int, 10, 'PGD steps', low=1),
         bn_mode=P(str, 'eval', 'BatchNorm mode while attacking (official code: eval)', choices=BN_MODES),
     )
@@ -162,7 +90,8 @@ def declare(config):
         epochs=P(int, 200, 'epochs', low=1),
         batch_size=P(int, 128, 'batch size (fixed: the last partial batch is dropped)', low=1),
         seed=P(int, 0, 'seed of initialization, data order, augmentation and attack noise'),
-        device=P(str, 'auto', 'auto | cpu | cuda | cuda:N'),
+        device=Param(Rule(lambda v: re.fullmatch(r'auto|cpu|cuda(:[0-9]+)?', v) is not None,
+                          'auto, cpu, cuda or cuda:N (N an int)'), 'auto | cpu | cuda | cuda:N', default='auto'),
         resume=P(bool, False, 'continue the run in the output folder from its last checkpoint'),
         stop_after=P(int, 0, 'stop after this many epochs in this invocation (0 = never); resume later', low=0),
         progress=P(str, 'auto', 'progress bar: auto = only on a terminal', choices=('auto', 'on', 'off')),
@@ -191,7 +120,8 @@ def declare(config):
     )
     section('output', 'Run folder').params(
         dir=P(str, 'runs', 'parent folder of run folders'),
-        name=P(str, '', 'run folder name ("" = <dataset>-<arch>-<method>-s<seed>)'),
+        name=Param(Rule(is_folder_name, "a folder name: one path component, no '/', not '.' or '..'"),
+                   'run folder name ("" = <dataset>-<arch>-<method>-s<seed>)', default=''),
         overwrite=P(bool, False, 'start afresh in an existing run folder'),
         tensorboard=P(bool, True, 'also write the per-epoch metrics as TensorBoard scalars (<run>/tensorboard/), '
                       'when the tensorboard package is installed'),
@@ -210,13 +140,40 @@ def _check_key(key, where):
         raise ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings refuse a key given twice, at any level: PyYAML keeps the last silently, so a second
+    `training:` block would drop every key of the first (epochs: 3 back to 200)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge':  # `<<: *anchor` may override; merged keys are no repeat
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                if key in seen:  # read_yaml puts the file name in front
+                    raise ConfigError(f"line {line}: key '{key}' is given twice (first at line {seen[key]}); YAML "
+                                      'would silently keep only the last, so merge the two')
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base constructor names that error
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path):
-    """A YAML file of sections -> {'section.key': value}, refusing unknown sections and keys."""
+    """A YAML file of sections -> {'section.key': value}, refusing unknown sections and keys and repeated keys."""
     try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
+        with open(path, 'rb') as f:
+            data = f.read()
+        doc = yaml.load(data.decode('utf-8'), Loader=_UniqueKeyLoader)
     except OSError as e:
         raise ConfigError(f'{path}: cannot read config file ({e.strerror})') from None
+    except UnicodeDecodeError as e:
+        line = data.count(b'\n', 0, e.start) + 1
+        raise ConfigError(f'{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the config file '
+                          'as UTF-8') from None
+    except ConfigError as e:
+        raise ConfigError(f'{path}: {e}') from None
     except yaml.YAMLError as e:
         raise ConfigError(f'{path}: not valid YAML: {e}') from None
     if doc is None:
@@ -284,8 +241,9 @@ def check_value(key, value, where):
         raise ConfigError(f"{where}: '{key}' must be {KEYS[key].checker.help()}, got {value!r}") from None
 
 
-def load(config_files=(), cli_args=(), base=None, overrides=None):
-    """Resolve defaults < base (a saved params.json) < files < command line < overrides into `cfg.section.key`."""
+def load(config_files=(), cli_args=(), base=None, overrides=None, advise=True):
+    """Resolve defaults < base (a saved params.json) < files < command line < overrides into `cfg.section.key`.
+    advise=False: no warnings about training (eval of a checkpoint trains nothing)."""
     layers = [('saved params', dict(base or {}))] + [(path, read_yaml(path)) for path in config_files]
     layers += [('command line', read_cli(list(cli_args))), ('overrides', dict(overrides or {}))]
     for where, values in (layers[0], layers[-1]):
@@ -301,7 +259,36 @@ def load(config_files=(), cli_args=(), base=None, overrides=None):
         sections.setdefault(section, {})[name] = value
     cfg = NestedNamespace(sections)
     _check_consistency(cfg)
+    if advise:
+        _check_milestones(cfg)
     return cfg
+
+
+_warned = set()
+
+
+def warn(message):
+    """Print `warning: <message>` to stderr once per process: config.load runs for every run of a sweep, and the
+    same advice a hundred times would bury it."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
+def _check_milestones(cfg):
+    """A milestone past the last epoch never lowers the learning rate. Only a warning: a short run with the default
+    milestones (100, 150) is a common, deliberate test."""
+    s, epochs = cfg.schedule, cfg.training.epochs
+    late = [m for m in s.milestones if m > epochs]
+    if s.kind != 'piecewise' or not late:
+        return
+    many = len(late) > 1
+    if len(late) == len(s.milestones):
+        outcome = f'the learning rate stays {cfg.optimizer.lr:g} throughout'
+    else:
+        outcome = f"{'they never lower' if many else 'it never lowers'} the learning rate"
+    warn(f"schedule.milestones {', '.join(map(str, late))} {'lie' if many else 'lies'} past the last epoch "
+         f'({epochs}): {outcome}')
 
 
 def _check_consistency(cfg):

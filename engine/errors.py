@@ -11,3 +11,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset source or a .beton file is missing, wrong or corrupt. The message names the file."""
+
+
+class RunFailed(UserError):
+    """A run that cannot go on: its loss or weights stopped being finite (divergence). The run folder holds
+    failed.json; run.py exits with code 3 so scripts can tell it from bad input (2)."""
+    exit_code = 3

@@ -4,16 +4,22 @@
         [--grid attack.eps=4,8] [--pack K] [--out runs/sweep] [--compare] [--section.key=value ...]
 
 Finished runs (final.json present) are skipped, killed ones resumed from their last checkpoint, the rest
-started; rerunning the same command after an interruption completes the sweep. With --pack K (K > 1) the seeds
-of each method and grid point train K at a time as one packed model (engine.train.loop; eager engine only),
-each still writing its own folder; seeds that cannot be packed together (resuming from different epochs, or
-one left over) train alone.
+started; rerunning the same command after an interruption completes the sweep. Each run folder is claimed
+(writers.run_lock) while it trains: runs owned by another live process (a second sweep on the same folder, a
+`run.py train` of the same run) are skipped, so two sweeps share the work instead of doing it twice. A run that
+diverges is marked failed (failed.json) and the sweep goes on; failed runs are listed at the end, left out of
+--compare, and the sweep exits with code 3. With --pack K (K > 1) the seeds of each method and grid point train
+K at a time as one packed model (engine.train.loop; eager engine only), each still writing its own folder, and
+checkpoint as a group, so a killed group resumes packed, together.
 """
 import itertools
 import os
 
-from engine import checkpoint, config
-from engine.errors import UserError
+from engine import config
+from engine.errors import RunFailed, UserError
+
+# Keys the sweep sets itself: a grid over them would collide with --methods, --seeds or the run folder names.
+SWEEP_KEYS = ('method.name', 'training.seed', 'output.name', 'output.dir')
 
 
 def parse_seeds(text):
@@ -37,8 +43,15 @@ def parse_grid(items):
         key, eq, values = item.partition('=')
         if not eq or not values:
             raise UserError(f'--grid: expected section.key=v1,v2, got {item!r}')
+        if key in SWEEP_KEYS:
+            raise UserError(f'--grid: {key} is set by the sweep itself (--methods, --seeds, --out); not a grid key')
+        if key in (k for k, _ in grid):
+            raise UserError(f'--grid: {key} given twice')
         for v in values.split(','):
-            config.load(cli_args=[f'--{key}={v}'])  # an unknown key or a bad value stops here
+            config.load(cli_args=[f'--{key}={v}'], advise=False)  # an unknown key or a bad value stops here
+        typed = [config.check_value(key, v, '--grid') for v in values.split(',')]
+        if len(set(map(repr, typed))) != len(typed):
+            raise UserError(f'--grid: {item!r} repeats a value')
         grid.append((key, values.split(',')))
     return grid
 
@@ -49,7 +62,9 @@ def plan(config_files, cli_args, methods, seeds, grid, out_dir):
     runs = []
     for method, seed, *values in itertools.product(methods, seeds, *[v for _, v in grid]):
         assignments = [f'--{key}={value}' for (key, _), value in zip(grid, values)]
-        suffix = ''.join(f'-{key.split(".")[1]}{value}' for (key, _), value in zip(grid, values))
+        # a value may hold a path (data.dir=a/b): the run name stays one path component
+        suffix = ''.join(f'-{key.split(".")[1]}{value}'.replace('/', '_').replace(os.sep, '_')
+                         for (key, _), value in zip(grid, values))
         name = f'{method}{suffix}-s{seed}'
         cfg = config.load(config_files, [*cli_args, f'--method.name={method}', f'--training.seed={seed}',
                                          *assignments, f'--output.dir={out_dir}', f'--output.name={name}'])
@@ -58,32 +73,27 @@ def plan(config_files, cli_args, methods, seeds, grid, out_dir):
 
 
 def status(run_dir):
+    if os.path.exists(os.path.join(run_dir, 'failed.json')):
+        return 'failed'
     if os.path.exists(os.path.join(run_dir, 'final.json')):
         return 'done'
-    if os.path.exists(os.path.join(run_dir, 'checkpoints', 'last.pt')):
+    if any(os.path.exists(os.path.join(run_dir, 'checkpoints', f)) for f in ('last.pt', 'pending.pt')):
         return 'resume'
     return 'new'
 
 
-def epochs_done(run_dir):
-    last = os.path.join(run_dir, 'checkpoints', 'last.pt')
-    return checkpoint.load(last)['progress']['epoch'] if os.path.exists(last) else 0
-
-
-def batches(todo, pack, out_dir):
-    """The unfinished runs as lists to train together: up to `pack` seeds of one group that resume from the same
-    epoch (a list of one trains alone)."""
-    if pack == 1:  # nothing to group: no checkpoint needs reading, and the runs keep the sweep's order
-        return [[(name, cfg)] for name, cfg, _ in todo]
+def batches(todo, pack):
+    """The unfinished runs as lists to train together: up to `pack` seeds of one group, in the sweep's order (the
+    same lists on every rerun, so a killed packed group resumes as the same group)."""
     groups = {}
     for name, cfg, group in todo:
-        groups.setdefault((group, epochs_done(os.path.join(out_dir, name))), []).append((name, cfg))
+        groups.setdefault(group, []).append((name, cfg))
     return [runs[i:i + pack] for runs in groups.values() for i in range(0, len(runs), pack)]
 
 
 def main(config_files, args, log=print):
     from engine.methods import METHODS
-    from engine.train.loop import check_packable, train, train_packed
+    from engine.train.loop import check_packable, train_group
     methods, args = config.take_options(args, '--methods')
     seeds, args = config.take_options(args, '--seeds')
     grid_items, args = config.take_options(args, '--grid')
@@ -96,6 +106,8 @@ def main(config_files, args, log=print):
     for m in methods:
         if m not in METHODS:
             raise UserError(f"--methods: unknown method {m!r} (choices: {', '.join(METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise UserError(f"--methods: {','.join(methods)} repeats a method")
     seeds = parse_seeds(seeds[-1]) if seeds else [base.training.seed]
     if pack and not (pack[-1].isdigit() and int(pack[-1]) >= 1):
         raise UserError(f'--pack: expected a number of seeds >= 1, got {pack[-1]!r}')
@@ -103,24 +115,35 @@ def main(config_files, args, log=print):
     out_dir = out[-1] if out else os.path.join(base.output.dir, 'sweep')
     runs = plan(config_files, args, methods, seeds, parse_grid(grid_items), out_dir)
     states = {name: status(os.path.join(out_dir, name)) for name, *_ in runs}
-    log(f'sweep {out_dir}: {len(runs)} runs, {sum(s == "done" for s in states.values())} done, '
-        f'{sum(s == "resume" for s in states.values())} to resume')
+    count = {s: sum(v == s for v in states.values()) for s in ('done', 'resume', 'failed')}
+    log(f'sweep {out_dir}: {len(runs)} runs, {count["done"]} done, {count["resume"]} to resume'
+        + (f', {count["failed"]} failed' if count['failed'] else ''))
     # resume=true throughout: a run killed before its first checkpoint restarts; a finished epoch is kept.
     todo = [(name, config.load(base=config.flat(cfg), overrides={'training.resume': True}), group)
-            for name, cfg, group in runs if states[name] != 'done']
+            for name, cfg, group in runs if states[name] not in ('done', 'failed')]
     for _, cfg, _ in todo if pack > 1 else ():  # before anything trains: packing needs the eager engine
         check_packable([cfg])
-    done = len(runs) - len(todo)
-    for together in batches(todo, pack, out_dir):
+    done, trained, failures = len(runs) - len(todo), set(), []
+    for together in batches(todo, pack):
         names = ', '.join(f'{name} ({states[name]})' for name, _ in together)
         done += len(together)
         log(f'[{done}/{len(runs)}] {names}' + (' packed' if len(together) > 1 else ''))
-        if len(together) > 1:
-            train_packed([cfg for _, cfg in together], log=log)
-        else:
-            train(together[0][1], log=log)
+        try:
+            trained.update(train_group([cfg for _, cfg in together], log=log, sweep=True))
+        except RunFailed as e:
+            failures.append(str(e))
+    finished = {name: status(os.path.join(out_dir, name)) for name, *_ in runs}
+    failed = [name for name, s in finished.items() if s == 'failed']
+    elsewhere = [name for name, _, _ in todo if finished[name] not in ('done', 'failed')
+                 and os.path.join(out_dir, name) not in trained]
+    if elsewhere:
+        log(f'{len(elsewhere)} run(s) left to another process or unfinished: {", ".join(elsewhere)}; '
+            'rerun the sweep when it is done')
     if do_compare:
         from engine.compare import compare
         compare([out_dir], os.path.join(out_dir, 'compare'))
         log(f'comparison: {os.path.join(out_dir, "compare", "report.md")}')
+    if failed:
+        raise RunFailed(f'{len(failed)} run(s) failed (diverged; failed.json in each, left out of the comparison): '
+                        + ', '.join(failed) + ('\n' + '\n'.join(failures) if failures else ''))
     return out_dir

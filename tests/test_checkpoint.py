@@ -91,3 +91,30 @@ def test_atomic_writes_never_leave_half_a_file_nor_follow_a_planted_link(tmp_pat
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask  # as open() would have made it, not mkstemp's 0600
+
+
+@pytest.mark.parametrize('error', [RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0'),
+                                   RuntimeError('basic_ios::clear: iostream error'),
+                                   OSError(28, 'No space left on device')])
+def test_a_full_disk_is_one_message_naming_the_folder_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, error):
+    """torch reports a full disk in its own words; the message says what it is, and the old file stays."""
+    path = str(tmp_path / 'checkpoints' / 'last.pt')
+    checkpoint.save(path, {'counter': Counter(1)}, params={})
+    before = open(path, 'rb').read()
+
+    def full(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(torch, 'save', full)
+    monkeypatch.setattr(checkpoint.shutil, 'disk_usage', lambda _: type('U', (), {'free': 0})())
+    with pytest.raises(UserError, match=f"{tmp_path / 'checkpoints'}: cannot write last.pt: no space left on device"):
+        checkpoint.save(path, {'counter': Counter(2)}, params={})
+    assert open(path, 'rb').read() == before and os.listdir(tmp_path / 'checkpoints') == ['last.pt']
+
+
+def test_data_identity_refuses_other_data():
+    labels = torch.tensor([0, 1, 2, 1])
+    saved = checkpoint.DataIdentity(labels, labels[:2]).state_dict()
+    checkpoint.DataIdentity(labels.clone(), labels[:2].clone()).load_state_dict(saved)  # the same data: fine
+    for train, test in ((labels.flip(0), labels[:2]), (labels[:3], labels[:2]), (labels, labels[:1])):
+        with pytest.raises(UserError, match='the data differs'):
+            checkpoint.DataIdentity(train, test).load_state_dict(saved)

@@ -218,3 +218,71 @@ def test_main_user_errors(tmp_path, argv, message):
     argv = [arg.format(empty=tmp_path / "empty", sweep=tmp_path / "sweep") for arg in argv]
     with pytest.raises(UserError, match=message):
         compare.main(argv + ["--out", str(tmp_path / "out")])
+
+
+def _fail(folder, epoch=3, value="nan"):
+    with open(os.path.join(folder, "failed.json"), "w") as handle:
+        json.dump({"epoch": epoch, "reason": "training loss is not finite", "value": value,
+                   "time": "2026-12-02T01:00:00"}, handle)
+    return folder
+
+
+def test_failed_runs_are_listed_and_left_out(tmp_path):
+    crashed = make_sweep(tmp_path / "sweep")
+    diverged = _fail(make_run(tmp_path / "sweep" / "sgls" / "run_diverged", "sgls", 9, SGLS[0], complete=False))
+    # A failed.json beside a final.json (a run whose last epoch diverged after the table): still failed, not counted.
+    late = _fail(make_run(tmp_path / "sweep" / "at" / "seed9", "at", 9, {**AT[0], "pgd": 0.0}), epoch=EPOCHS,
+                 value="inf")
+    summary = compare.compare([tmp_path / "sweep"], tmp_path / "out")
+    assert {name: group["n_runs"] for name, group in summary["groups"].items()} == {"at": 4, "sgls": 4}
+    assert summary["groups"]["at"]["metrics"]["best.pgd"]["mean"] == pytest.approx(_values(AT, "pgd").mean())
+    assert summary["failed"] == [
+        {"path": os.path.realpath(late), "epoch": EPOCHS, "reason": "training loss is not finite", "value": "inf",
+         "time": "2026-12-02T01:00:00"},
+        {"path": os.path.realpath(diverged), "epoch": 3, "reason": "training loss is not finite", "value": "nan",
+         "time": "2026-12-02T01:00:00"}]
+    assert [item["path"] for item in summary["skipped"]] == [os.path.realpath(crashed)]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["failed"] == summary["failed"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    failed_section = report.split("## Failed runs")[1].split("## Skipped runs")[0]
+    assert (f"- `{os.path.realpath(diverged)}`: failed at epoch 3: training loss is not finite (value nan)"
+            in failed_section)
+    assert f"`{os.path.realpath(late)}`: failed at epoch {EPOCHS}" in failed_section
+    assert "2 failed run(s) (training diverged), left out of every statistic" in report
+
+
+def test_only_failed_runs_is_a_user_error(tmp_path):
+    _fail(make_run(tmp_path / "runs" / "r0", "at", 0, AT[0], complete=False))
+    (tmp_path / "runs" / "r0" / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": Na')  # cut off mid-write
+    with pytest.raises(UserError, match=r"no finished run to compare: 0 unfinished \(no final.json\), 1 failed; .*r0: "
+                                       r"failed at epoch 3"):
+        compare.compare([tmp_path / "runs"], tmp_path / "out")
+
+
+def test_null_and_nan_metrics_are_missing_not_numbers(tmp_path):
+    make_sweep(tmp_path / "sweep")
+    for folder, value in (("seed1", "null"), ("seed2", "NaN")):  # json_safe writes null; a hand-made file NaN
+        final_path = tmp_path / "sweep" / "at" / folder / "final.json"
+        final_path.write_text(final_path.read_text().replace(f'"pgd": {AT[int(folder[-1])]["pgd"]}', f'"pgd": {value}'))
+    metrics_path = tmp_path / "sweep" / "sgls" / "run_a" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    records[-1]["robust_gap"] = None
+    metrics_path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+    summary = compare.compare([tmp_path / "sweep"], tmp_path / "out")
+    at = summary["groups"]["at"]["metrics"]
+    assert at["best.pgd"]["n"] == 2 and at["best.pgd"]["values"] == [AT[0]["pgd"], AT[3]["pgd"]]
+    assert at["best.pgd"]["mean"] == pytest.approx((AT[0]["pgd"] + AT[3]["pgd"]) / 2)
+    assert at["robust_overfit_gap"]["n"] == 2 and at["final.pgd"]["n"] == 4
+    assert summary["groups"]["sgls"]["metrics"]["train_test_robust_gap"]["n"] == 3
+    assert summary["comparisons"]["sgls"]["best.pgd"]["note"] == "this metric is missing for some seeds"
+    root = os.path.realpath(tmp_path / "sweep")
+    assert summary["missing"] == [
+        {"path": f"{root}/at/seed1", "metric": "best.pgd", "file": "final.json", "value": "null"},
+        {"path": f"{root}/at/seed2", "metric": "best.pgd", "file": "final.json", "value": "NaN"},
+        {"path": f"{root}/sgls/run_a", "metric": "train_test_robust_gap", "file": "metrics.jsonl", "value": "null"}]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"- `{root}/at/seed2`: best.pgd is NaN in final.json" in report.split("## Missing values")[1]
+    statistics = report.split("## Best checkpoint")[1].split("## Failed runs")[0]
+    assert "nan" not in statistics.lower() and "| PGD | at | 2 |" in statistics
+    json.loads((tmp_path / "out" / "summary.json").read_text())  # still valid JSON: no NaN slipped in

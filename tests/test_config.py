@@ -59,6 +59,15 @@ def test_environment_variables_are_ignored(monkeypatch):
                                             "YAML list), increasing, got '150,100'"),
     ('schedule:\n  milestones: [100, x]\n', "'schedule.milestones' must be a list of ints"),
     ('data:\n  synthetic_shape: 3,32\n', "'data.synthetic_shape' must be a list of 3 ints"),
+    # PyYAML keeps the last of two equal keys: a second `training:` block silently dropped epochs 3 back to 200.
+    ('training:\n  epochs: 3\nmodel:\n  width: 4\ntraining:\n  seed: 1\n', "line 5: key 'training' is given twice "
+                                                                          '(first at line 1)'),
+    ('training:\n  epochs: 3\n  seed: 1\n  epochs: 5\n', "line 4: key 'epochs' is given twice (first at line 2)"),
+    ('training:\n  device: tpu\n', "'training.device' must be auto, cpu, cuda or cuda:N (N an int), got 'tpu'"),
+    ('training:\n  device: cuda:x\n', "'training.device' must be auto, cpu, cuda or cuda:N"),
+    ('attack:\n  step_size: 0\n', "'attack.step_size' must be a float in (0.0, ]"),  # 0: PGD never moves
+    ('attack:\n  eps: 256\n', "'attack.eps' must be a float in [0.0, 255.0]"),
+    ('output:\n  name: ../../victim\n', "'output.name' must be a folder name"),
 ])
 def test_bad_yaml_names_file_and_key(tmp_path, yaml_text, needle):
     f = tmp_path / 'bad.yaml'

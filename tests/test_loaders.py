@@ -12,8 +12,8 @@ from engine.errors import ConfigError
 
 SPEC = SyntheticSpec(n_train=1100, n_test=250, classes=10, shape=(3, 16, 16), seed=1)
 BATCH, EVAL_BATCH, VAL = 100, 64, 100  # 1000 training images: no drop_last remainder; 250 = 3 * 64 + 58
-# One ffcv worker: numba then compiles the augmentations without `parallel`, ~4 s instead of ~20 s per Loader
-# on 2 cores. The threaded path runs in tests/test_data.py (no augmentation) and in bench/loaders.py.
+# One ffcv worker: numba then compiles the pipeline without `parallel`, faster on 2 cores. The threaded path runs
+# in tests/test_data.py and in bench/loaders.py.
 FFCV_WORKERS = 1
 
 
@@ -82,6 +82,33 @@ def test_gpu_batches_are_a_function_of_seed_and_epoch(betons):
     same = batches(5, 2)
     assert all(torch.equal(a, b) for a, b in zip(same, batches(5, 2)))
     assert not torch.equal(same[0], batches(6, 2)[0]) and not torch.equal(same[0], batches(5, 3)[0])
+
+
+def test_ffcv_batches_are_a_function_of_seed_and_epoch(betons):
+    """Images (augmentation included), labels and indices: two loaders of one seed agree epoch by epoch, a fresh
+    loader asked for epoch 2 directly (a resumed run) gives epoch 2's batches, and another seed differs."""
+    def loader(seed, **augment):
+        return make_loaders(*betons, kind='ffcv', batch_size=BATCH, val_size=VAL, seed=seed,
+                            num_workers=FFCV_WORKERS, **augment).train
+
+    def batches(train, epoch):
+        train.set_epoch(epoch)
+        return [torch.cat([images.flatten(1), labels[:, None].float(), indices[:, None].float()], 1)
+                for images, labels, indices in train]
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    first, second = loader(5), loader(5)
+    epochs = {e: batches(first, e) for e in (1, 2)}
+    assert all(same(epochs[e], batches(second, e)) for e in (1, 2))
+    assert same(epochs[2], batches(loader(5), 2))
+    assert not same(epochs[1], epochs[2]) and not same(epochs[1], batches(loader(6), 1))
+    # Augmentation is applied: the same epoch without crop and flip has the same order but other images.
+    plain = batches(loader(5, crop_padding=0, flip=False), 1)
+    assert all(torch.equal(x[:, -1], y[:, -1]) for x, y in zip(epochs[1], plain))
+    changed = torch.cat([(x[:, :-2] != y[:, :-2]).any(1) for x, y in zip(epochs[1], plain)])
+    assert changed.float().mean() > 0.9  # only an unshifted, unflipped crop (p = 1/162) equals its source
 
 
 def test_pixels_and_labels_equal_the_source(betons):

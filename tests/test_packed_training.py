@@ -2,7 +2,6 @@
 import os
 
 import pytest
-import torch
 
 from engine.errors import UserError
 from engine.sweep import main as sweep
@@ -61,18 +60,16 @@ def test_bad_pack_arguments(tmp_path, extra, error):
     assert not os.path.exists(tmp_path / 'bad'), 'nothing may be written before the arguments are checked'
 
 
-def test_only_seeds_of_one_group_at_one_epoch_are_packed(tmp_path):
-    from engine import checkpoint
+def test_seeds_are_packed_by_group_in_the_sweeps_order(tmp_path):
+    """The same lists on every rerun: a killed packed group resumes as that group (runs at another epoch than
+    their group's, which group checkpoints prevent, are split apart by train_group; tests/test_reliability.py)."""
     from engine.sweep import batches
-    for name, epoch in [('at-s1', 1), ('at-s2', 1), ('at-s3', 2)]:  # killed runs, at different epochs
-        progress = checkpoint.Progress()
-        progress.epoch = epoch
-        checkpoint.save(str(tmp_path / name / 'checkpoints' / 'last.pt'),
-                        {'model': torch.nn.Linear(1, 1), 'progress': progress}, params={})
     todo = [(f'{m}-s{s}', f'cfg-{m}{s}', (m,)) for m in ('at', 'sgls') for s in range(5)]
-    got = [[cfg for _, cfg in together] for together in batches(todo, 2, str(tmp_path))]
-    assert got == [['cfg-at0', 'cfg-at4'], ['cfg-at1', 'cfg-at2'], ['cfg-at3'],
+    got = [[cfg for _, cfg in together] for together in batches(todo, 2)]
+    assert got == [['cfg-at0', 'cfg-at1'], ['cfg-at2', 'cfg-at3'], ['cfg-at4'],
                    ['cfg-sgls0', 'cfg-sgls1'], ['cfg-sgls2', 'cfg-sgls3'], ['cfg-sgls4']]
+    assert [[cfg for _, cfg in together] for together in batches(todo[:3], 1)] == [['cfg-at0'], ['cfg-at1'],
+                                                                                  ['cfg-at2']]
 
 
 @pytest.mark.parametrize('pack', ['1', '2'])

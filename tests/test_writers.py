@@ -10,7 +10,7 @@ from writers.run_files import MetricsLog
 
 RECORDS = [{'epoch': 1, 'lr': 0.1, 'train_loss': 2.0, 'train_robust_acc': None},
            {'epoch': 2, 'lr': 0.1, 'train_loss': 1.5, 'train_robust_acc': None, 'test_pgd_acc': 40.0},
-           {'epoch': 3, 'lr': 0.01, 'train_loss': float('nan'), 'train_robust_acc': None, 'test_pgd_acc': 45.5}]
+           {'epoch': 3, 'lr': 0.01, 'train_loss': None, 'train_robust_acc': None, 'test_pgd_acc': 45.5}]
 
 
 def read_csv(path):
@@ -23,8 +23,9 @@ def test_jsonl_and_csv_hold_the_same_records_and_truncate_together(tmp_path):
     log.truncate_after(0)
     for r in RECORDS:
         log.append(r)
-    assert [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')] == [
-        {**r, 'train_loss': None if math.isnan(r['train_loss']) else r['train_loss']} for r in RECORDS]
+    assert [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')] == RECORDS
+    with pytest.raises(ValueError, match='non-finite train_loss'):  # null means "not measured", never NaN
+        log.append({'epoch': 4, 'train_loss': math.nan})
     rows = read_csv(tmp_path / 'metrics.csv')
     assert rows[0] == ['epoch', 'lr', 'train_loss', 'train_robust_acc', 'test_pgd_acc']  # first-seen order
     assert rows[1:] == [['1', '0.1', '2.0', '', ''], ['2', '0.1', '1.5', '', '40.0'], ['3', '0.01', '', '', '45.5']]

@@ -101,12 +101,26 @@ def _difference_table(summary):
     return lines
 
 
+def _failure_line(item):
+    """'- `path`: failed at epoch 3: loss is not finite (value nan)' from a summary['failed'] entry."""
+    epoch = "" if item.get("epoch") is None else f" at epoch {item['epoch']}"
+    value = "" if item.get("value") is None else f" (value {item['value']})"
+    return f"- `{item['path']}`: failed{epoch}: {item['reason']}{value}"
+
+
 def write_report(summary, path):
     """report.md; the plot paths in summary['plots'] are taken as relative to the report's own folder."""
     baseline = summary["baseline"]
     lines = [f"# Many-seed comparison by `{summary['group_by']}`", ""]
     lines += [f"- {method}: {group['n_runs']} run(s), seeds {group['seeds']}"
               for method, group in summary["groups"].items()]
+    failed, missing = summary.get("failed", []), summary.get("missing", [])
+    if failed:
+        lines.append(f"- {len(failed)} failed run(s) (training diverged), left out of every statistic: "
+                     "see Failed runs")
+    if missing:
+        lines.append(f"- {len(missing)} metric value(s) recorded as null or NaN, left out of their statistics: "
+                     "see Missing values")
     lines += ["", "Accuracies in percent. 95% CI (t): Student t interval of the mean over seeds; "
               "95% CI (bootstrap): percentile bootstrap of the mean (10000 resamples, fixed seed). "
               "n/a: undefined with a single run."]
@@ -128,8 +142,13 @@ def write_report(summary, path):
     else:
         lines.append("Only one group: nothing to compare.")
 
+    lines += ["", "## Failed runs", ""]
+    lines += [_failure_line(item) for item in failed] or ["None."]
     lines += ["", "## Skipped runs", ""]
     lines += [f"- `{item['path']}`: {item['reason']}" for item in summary["skipped"]] or ["None."]
+    if missing:
+        lines += ["", "## Missing values", ""]
+        lines += [f"- `{item['path']}`: {item['metric']} is {item['value']} in {item['file']}" for item in missing]
 
     if summary["plots"]:
         lines += ["", "## Plots", ""]

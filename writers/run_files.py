@@ -1,13 +1,21 @@
 """The files of one run folder: params.json, metrics.jsonl / metrics.csv / tensorboard/, final.json and
-final.md, and a checkpoint's -eval.json / -eval.md. Writes are atomic (writers.atomic) where a reader could
-otherwise see half a file; metrics.jsonl is appended a line at a time and flushed."""
+final.md, failed.json, provenance.json, log.txt, and a checkpoint's -eval.json / -eval.md. Writes are atomic
+(writers.atomic) where a reader could otherwise see half a file; metrics.jsonl and log.txt are appended a line at
+a time and flushed."""
 import csv
 import io
 import json
+import math
 import os
+import time
 
-from writers.atomic import json_safe, write_json_atomic, write_text_atomic
+from engine.errors import UserError
+from writers.atomic import write_json_atomic, write_text_atomic
 from writers.tables import format_table
+
+# What the engine writes into a run folder: the only entries --output.overwrite=true removes.
+RUN_FILES = ('params.json', 'metrics.jsonl', 'metrics.csv', 'tensorboard', 'checkpoints', 'final.json', 'final.md',
+             'failed.json', 'provenance.json', 'log.txt')
 
 
 class MetricsLog:
@@ -24,15 +32,29 @@ class MetricsLog:
         self.tensorboard_dir = os.path.join(run_dir, 'tensorboard') if tensorboard else None
         self._board = None
 
-    def read(self):
+    def read(self, log=None):
+        """The records. A torn last line (a kill or a full disk during the append) is dropped, with a message when
+        `log` is given; a damaged line before the last is an error naming the file and line."""
         if not os.path.exists(self.path):
             return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(self.path, encoding='utf-8', errors='replace') as f:
+            lines = [line for line in f if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise UserError(f'{self.path}: line {number} is not JSON (a damaged file; delete the run or '
+                                    'repair that line)') from None
+                if log is not None:
+                    log(f'{self.path}: dropped a torn last line ({line.strip()[:40]!r}...), left by a kill or a '
+                        'failed write')
+        return records
 
-    def truncate_after(self, epoch):
+    def truncate_after(self, epoch, log=None):
         """Start or resume: keep only the epochs the checkpoint has (a kill can land between the two writes)."""
-        kept = [r for r in self.read() if r['epoch'] <= epoch]
+        kept = [r for r in self.read(log) if r['epoch'] <= epoch]
         write_text_atomic(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
         self._write_csv(kept)
         if self.tensorboard_dir is not None:
@@ -44,7 +66,11 @@ class MetricsLog:
                 self._board = SummaryWriter(self.tensorboard_dir, purge_step=epoch + 1)
 
     def append(self, record):
-        record = json_safe(record)
+        """Append one epoch. Non-finite values are refused: null in these files means "not measured", and a
+        diverged run is stopped (engine.train.run_state) before it gets here."""
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f'{self.path}: non-finite {", ".join(bad)} in epoch {record.get("epoch")}')
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
             f.flush()
@@ -89,3 +115,50 @@ def write_eval(stem, checkpoint, row, settings):
     write_json_atomic(stem + '-eval.json', {'checkpoint': checkpoint, 'row': row, 'settings': settings})
     write_text_atomic(stem + '-eval.md', table + '\n')
     return table
+
+
+def write_failed(run_dir, epoch, reason, value):
+    """failed.json: the run stopped at `epoch` because `reason` (value: the offending number, as text)."""
+    write_json_atomic(os.path.join(run_dir, 'failed.json'), {
+        'epoch': epoch, 'reason': reason, 'value': str(value), 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')})
+
+
+def read_failed(run_dir):
+    """failed.json's content, or None when the run has not failed."""
+    path = os.path.join(run_dir, 'failed.json')
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def append_provenance(run_dir, record):
+    """provenance.json: a list with one record per process that worked on the run (start, resume)."""
+    path = os.path.join(run_dir, 'provenance.json')
+    records = []
+    if os.path.exists(path):
+        try:
+            with open(path, encoding='utf-8') as f:
+                records = json.load(f)
+        except (OSError, ValueError):
+            records = []
+    write_json_atomic(path, [*(records if isinstance(records, list) else []), record])
+
+
+class ConsoleLog:
+    """log(message): print it and append it to <run>/log.txt (flushed per line), so the folder keeps what the
+    console showed. The file is opened without following a symlink."""
+
+    def __init__(self, run_dir, log=print):
+        self.log = log
+        fd = os.open(os.path.join(run_dir, 'log.txt'), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        self.file = os.fdopen(fd, 'a', encoding='utf-8')
+
+    def __call__(self, message):
+        self.log(message)
+        if not self.file.closed:
+            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            self.file.flush()
+
+    def close(self):
+        self.file.close()

@@ -3,12 +3,16 @@
 Every loader yields (images, labels, indices): images float32 in [0, 1], NCHW; labels and indices int64;
 all on the requested device. indices are positions in the beton (== its index field, checked on open).
 
+What a training batch is a function of, so that a resumed run sees the batches an uninterrupted one would:
 kind='gpu': the whole beton is decoded once into a uint8 tensor on the device; shuffling, crop and flip run
 there, drawn from a torch.Generator seeded by (seed, epoch): order AND augmentation are a pure function of
 (seed, epoch) for a given device type (CPU and CUDA generators give different streams).
-kind='ffcv': ffcv's JIT pipeline. Its order is a pure function of (seed, epoch) (numpy default_rng(seed + epoch)),
-but RandomTranslate/RandomHorizontalFlip draw from numba's per-thread RNG, which cannot be seeded from here:
-a resumed run sees the same batches with different augmentation.
+kind='ffcv': ffcv's JIT pipeline decodes and orders: the order is a pure function of (seed, epoch) (numpy
+default_rng(seed + epoch), any number of workers). Crop and flip are NOT ffcv's RandomTranslate/
+RandomHorizontalFlip (they draw from numba's per-thread RNG, which cannot be seeded from here): they run in torch
+on the device with crop_and_flip, drawn up front for the whole epoch from a torch.Generator seeded by (seed,
+epoch) as for 'gpu': order AND augmentation are a pure function of (seed, epoch) here too, for a given device
+type. The two kinds shuffle with different generators, so the same seed gives different batches in each.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from ffcv.fields import NDArrayField
 from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.reader import Reader
-from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 
 from engine.errors import ConfigError, DataError
@@ -103,6 +107,19 @@ def labels_by_index(path: str) -> torch.Tensor:
     """int64 [N]: the label of every image of a beton, by its index (soft-label initialization, label noise)."""
     _, reader = _checked_reader(path)
     return torch.from_numpy(_column(reader, 'label').astype(np.int64))  # index == row, checked on open
+
+
+def check_labels(path: str, num_classes: int) -> None:
+    """DataError unless every label of the beton is in 0..num_classes-1: caught here, a wrong beton names itself,
+    instead of failing later in the loss (an IndexError on CPU, a device-side assert on CUDA)."""
+    labels = labels_by_index(path).numpy()
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        values = np.unique(labels[bad])
+        shown = ', '.join(str(v) for v in values[:8]) + (', ...' if len(values) > 8 else '')
+        raise DataError(f'{path}: {int(bad.sum())} of {len(labels)} images have labels outside 0..{num_classes - 1} '
+                        f'(min {labels.min()}, max {labels.max()}; bad values {shown}), but the dataset has '
+                        f'{num_classes} classes. Written for another dataset or class count? {REMAKE}')
 
 
 def split_train_val(n: int, val_size: int, split_seed: int, train_limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -224,20 +241,38 @@ class FfcvEvalLoader:
 
 
 class FfcvTrainLoader(_EpochGate, FfcvEvalLoader):
+    """ffcv's shuffled drop_last batches (unaugmented uint8), cropped and flipped in torch as GpuTrainLoader does."""
+
+    def __init__(self, loader: Loader, *, batch_size: int, seed: int, crop_padding: int, flip: bool,
+                 device: torch.device, dtype=torch.float32):
+        super().__init__(loader, dtype)
+        self.batch_size, self.seed, self.crop_padding, self.flip = batch_size, seed, crop_padding, flip
+        self.device = torch.device(device)
+
     def __iter__(self):
-        self.loader.next_epoch = self._take_epoch()  # ffcv orders epoch e by default_rng(seed + e)
-        return self._batches(iter(self.loader))
+        epoch = self._take_epoch()
+        self.loader.next_epoch = epoch  # ffcv orders epoch e by default_rng(seed + e)
+        return self._batches(self._augmented(iter(self.loader), epoch))
+
+    def _augmented(self, ffcv_batches, epoch: int):
+        dev, size, pad, used = self.device, self.batch_size, self.crop_padding, len(self) * self.batch_size
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(_epoch_seed(self.seed, epoch))
+        # The whole epoch's draws up front: the k-th image of the epoch gets draw k, however far a pass got.
+        shifts = torch.randint(0, 2 * pad + 1, (used, 2), generator=gen, device=dev) if pad else None
+        flips = torch.rand(used, generator=gen, device=dev) < 0.5 if self.flip else None
+        for k, (images, labels, indices) in enumerate(ffcv_batches):
+            if shifts is not None or flips is not None:
+                batch = slice(k * size, (k + 1) * size)  # drop_last: every batch is full
+                images = crop_and_flip(images, None if shifts is None else shifts[batch],
+                                       None if flips is None else flips[batch], pad)
+            yield images, labels, indices
 
 
-def _ffcv_loader(info: BetonInfo, indices, *, train: bool, batch_size: int, seed: int, crop_padding: int,
-                 flip: bool, device: torch.device, num_workers: int) -> Loader:
-    image = [NDArrayDecoder()]
-    if train and crop_padding:
-        # Translate by up to crop_padding with zero fill == RandomCrop(size, padding=crop_padding) with zeros.
-        image.append(RandomTranslate(padding=crop_padding, fill=(0,) * info.shape[0]))
-    if train and flip:
-        image.append(RandomHorizontalFlip())
-    image += [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=False)]
+def _ffcv_loader(info: BetonInfo, indices, *, train: bool, batch_size: int, seed: int, device: torch.device,
+                 num_workers: int) -> Loader:
+    # No augmentation in ffcv's pipeline (see the module docstring): FfcvTrainLoader crops and flips.
+    image = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=False)]
     pipelines = {'image': image, 'label': [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)],
                  'index': [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]}
     return Loader(info.path, batch_size=batch_size, num_workers=num_workers, seed=seed, indices=indices,
@@ -265,8 +300,9 @@ def _on_device(path: str, shape: tuple, device: torch.device) -> tuple[torch.Ten
 def make_loaders(train_path: str, test_path: str, *, kind: str = 'gpu', batch_size: int = 128,
                  eval_batch_size: int = 512, device='cpu', seed: int = 0, val_size: int = 1000, split_seed: int = 0,
                  train_limit: int = 0, crop_padding: int = 4, flip: bool = True, num_workers: int = 2,
-                 dtype=torch.float32) -> Loaders:
-    """Train (shuffled, augmented, drop_last), val (held out of the train beton) and test loaders."""
+                 dtype=torch.float32, num_classes: int | None = None) -> Loaders:
+    """Train (shuffled, augmented, drop_last), val (held out of the train beton) and test loaders.
+    num_classes: if given, every label of both betons must be in 0..num_classes-1 (else a DataError)."""
     if kind not in KINDS:
         raise ConfigError(f'loader kind {kind!r}: choose one of {", ".join(KINDS)}.')
     if batch_size < 1 or eval_batch_size < 1 or crop_padding < 0:
@@ -274,6 +310,9 @@ def make_loaders(train_path: str, test_path: str, *, kind: str = 'gpu', batch_si
                           'batch sizes must be >= 1 and crop_padding >= 0.')
     train_info = open_beton(train_path)
     test_info = open_beton(test_path, expect_shape=train_info.shape)
+    if num_classes is not None:
+        for path in (train_path, test_path):
+            check_labels(path, num_classes)
     train_idx, val_idx = split_train_val(train_info.n, val_size, split_seed, train_limit)
     if len(train_idx) < batch_size:
         raise ConfigError(f'{len(train_idx)} training images (after val_size={val_size}, train_limit={train_limit}) '
@@ -289,8 +328,10 @@ def make_loaders(train_path: str, test_path: str, *, kind: str = 'gpu', batch_si
         test = GpuEvalLoader(test_images, test_labels, torch.arange(test_info.n, device=device),
                              batch_size=eval_batch_size, dtype=dtype)
     else:
-        common = dict(seed=seed, crop_padding=crop_padding, flip=flip, device=device, num_workers=num_workers)
-        train = FfcvTrainLoader(_ffcv_loader(train_info, train_idx, train=True, batch_size=batch_size, **common), dtype)
+        common = dict(seed=seed, device=device, num_workers=num_workers)
+        train = FfcvTrainLoader(_ffcv_loader(train_info, train_idx, train=True, batch_size=batch_size, **common),
+                                batch_size=batch_size, seed=seed, crop_padding=crop_padding, flip=flip,
+                                device=device, dtype=dtype)
         val = FfcvEvalLoader(_ffcv_loader(train_info, val_idx, train=False, batch_size=eval_batch_size,
                                           **common), dtype) if val_size else None
         test = FfcvEvalLoader(_ffcv_loader(test_info, None, train=False, batch_size=eval_batch_size, **common),

@@ -4,6 +4,7 @@ Only the orchestration (engine.train, sweep, eval) reads the config; the core (m
 takes what these functions hand it as plain arguments.
 """
 import math
+import sys
 
 import torch
 
@@ -54,14 +55,19 @@ def num_classes_of(cfg):
     return dataset(cfg.data.dataset).num_classes(synthetic_spec(cfg.data))
 
 
+def progress_on(cfg):
+    """Whether progress bars show: training.progress on, or auto on a terminal."""
+    return cfg.training.progress == 'on' or (cfg.training.progress == 'auto' and sys.stderr.isatty())
+
+
 def convert_data(cfg, log=print):
     d = cfg.data
     return convert(d.dataset, d.dir, source=d.source, download=d.download, force=d.force,
-                   synthetic=synthetic_spec(d), log=log)
+                   synthetic=synthetic_spec(d), progress=progress_on(cfg), log=log)
 
 
 def open_data(cfg, device, log=print):
-    """(loaders, train beton path); converts what is missing first."""
+    """(loaders, (train beton path, test beton path)); converts what is missing first."""
     d = cfg.data
     train_path, test_path = convert_data(cfg, log)
     augment = dataset(d.dataset).augment if d.augment == 'auto' else d.augment
@@ -69,8 +75,8 @@ def open_data(cfg, device, log=print):
                            eval_batch_size=cfg.evaluation.batch_size, device=device, seed=cfg.training.seed,
                            val_size=d.val_size, split_seed=d.split_seed, train_limit=d.train_limit,
                            crop_padding=d.crop_padding if 'crop' in augment else 0, flip='flip' in augment,
-                           num_workers=d.num_workers, dtype=dtype_of(cfg, device))
-    return loaders, train_path
+                           num_workers=d.num_workers, dtype=dtype_of(cfg, device), num_classes=num_classes_of(cfg))
+    return loaders, (train_path, test_path)
 
 
 def model_of(cfg, in_channels, device):

@@ -6,9 +6,16 @@ the speed-ups of training.engine=fast.
 import os
 
 from engine import checkpoint, config as config_mod
+from engine.data.datasets import dataset
+from engine.errors import UserError
 from engine.evaluate import evaluate
-from engine.train.build import attack_budget, model_of, open_data, resolve_device
+from engine.train.build import attack_budget, model_of, open_data, resolve_device, synthetic_spec
 from writers.run_files import write_eval, write_final
+from writers.tables import format_table
+
+# Overrides that change the network's tensors (layers, widths, classes, input channels): a checkpoint's weights
+# fit only the values it was trained with.
+MODEL_KEYS = ('model.', 'data.dataset', 'data.synthetic_classes', 'data.synthetic_shape')
 
 
 def final_settings(cfg, n):
@@ -46,20 +53,62 @@ def final_table(cfg, model, loaders, run_dir, best, device, log):
     rows['final'] = {'epoch': cfg.training.epochs, **evaluate_final(cfg, model, loaders.test)}
     settings = final_settings(cfg, rows['final']['n'])
     settings['best_selected_on'] = 'validation PGD' if loaders.val is not None else 'test PGD (no validation split)'
-    table = write_final(run_dir, rows, settings, method=cfg.method.name, seed=cfg.training.seed)
-    log(f'{run_dir}/final.md:\n{table}')
+    # Logged before the files are written: a full disk or a read-only folder then loses the write, not the table.
+    log(f'{run_dir}/final.md:\n{format_table(rows, settings)}')
+    write_final(run_dir, rows, settings, method=cfg.method.name, seed=cfg.training.seed)
+
+
+def _misfit(model_state, saved):
+    """Why the saved weights do not fit this model (the first difference), or None when they do."""
+    for key, tensor in model_state.items():
+        if key not in saved:
+            return f"the checkpoint has no '{key}'"
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            return f"'{key}' is {tuple(saved[key].shape)} in the checkpoint but {tuple(tensor.shape)} here"
+    extra = [key for key in saved if key not in model_state]
+    return f"the checkpoint has '{extra[0]}', which this model lacks" if extra else None
+
+
+def _as_given(value):
+    return ','.join(map(str, value)) if isinstance(value, list) else value
+
+
+def _load_weights(path, state, params, cfg, model):
+    """The checkpoint's weights into model, or a UserError naming the overrides that made the model different."""
+    why = _misfit(model.state_dict(), state['model'])
+    if why is None:
+        try:
+            model.load_state_dict(state['model'])
+            return
+        except RuntimeError as e:
+            why = str(e).strip().splitlines()[-1].strip()
+    saved = config_mod.flat(config_mod.load(base=params, advise=False))
+    now = config_mod.flat(cfg)
+    changed = [key for key in now if now[key] != saved[key]]
+    shaping = [key for key in changed if key.startswith(MODEL_KEYS)] or changed
+    if not shaping:
+        raise UserError(f'{path}: its weights do not fit the model its own params describe ({why})')
+    overrides = ', '.join(f'--{key}={_as_given(now[key])} (saved: {_as_given(saved[key])})' for key in shaping)
+    raise UserError(f'{path}: the overrides {overrides} do not fit this checkpoint ({why}); its model is fixed by '
+                    'the params it was trained with, so drop them')
 
 
 def eval_checkpoint(path, cli_args=(), log=print):
     """`run.py eval --checkpoint PATH`: the final-table evaluation of a saved model, with its own config."""
     state = checkpoint.load(path)
-    cfg = config_mod.load(cli_args=cli_args, base=state['params'])
+    # Eval writes beside the checkpoint, never into output.*: an old run's name (say 'sweep/a', allowed before
+    # output.name had to be one folder) must not stop its evaluation.
+    params = {key: value for key, value in state['params'].items() if not key.startswith('output.')}
+    cfg = config_mod.load(cli_args=cli_args, base=params, advise=False)
     device = resolve_device(cfg.training.device)
+    # The model is built and loaded before any data is opened: an override that does not fit fails at once.
+    in_channels = dataset(cfg.data.dataset).image_shape(synthetic_spec(cfg.data))[0]
+    model = model_of(cfg, in_channels, device)
+    _load_weights(path, state, params, cfg, model)
     loaders, _ = open_data(cfg, device, log)
-    model = model_of(cfg, loaders.image_shape[0], device)
-    model.load_state_dict(state['model'])
     row = {'epoch': state['progress']['epoch'], **evaluate_final(cfg, model, loaders.test)}
-    stem = os.path.splitext(path)[0]
-    table = write_eval(stem, path, row, final_settings(cfg, row['n']))
-    log(f'{stem}-eval.md:\n{table}')
+    stem, settings = os.path.splitext(path)[0], final_settings(cfg, row['n'])
+    # Logged before the files are written: a failed write (read-only folder, full disk) loses nothing.
+    log(f'{stem}-eval.md:\n{format_table({os.path.basename(path): row}, settings)}')
+    write_eval(stem, path, row, settings)
     return row

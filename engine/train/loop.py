@@ -8,24 +8,29 @@ batches become one, and how the packed state goes back into each run after an ep
 everything they would have alone: their run folder, data order and augmentation (their own loaders),
 initialization (each model built after its own torch.manual_seed), attack noise (their own random stream,
 swapped in for their evaluation and checkpoint), BatchNorm statistics, momentum and soft labels (their slices of
-the packed tensors), so a seed's checkpoint is its single run's, and a packed run resumes packed or alone.
-The device is read once per epoch (the meter) and once per evaluation.
+the packed tensors), so a seed's checkpoint is its single run's. A packed group checkpoints as a group (every
+seed's epoch in pending.pt, then all renamed onto last.pt; checkpoint.settle_group), so wherever a kill lands the
+group resumes together, at one epoch, packed as before.
+The device is read once per epoch (the meter, the divergence check) and once per evaluation. A run whose loss or
+weights stop being finite fails at the end of that epoch (failed.json, RunFailed); packed, the other seeds go on.
 """
 import contextlib
+import os
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-from engine import config as config_mod
-from engine.errors import UserError
+from engine import checkpoint, config as config_mod
+from engine.errors import RunFailed, UserError
 from engine.fast import FastStep
 from engine.packing import (PackedSeeds, pack_models, pack_optimizer_state, rng_state, seed_stream,
                             unpack_optimizer_state, unpack_state)
 from engine.step import make_sgd, set_lr, train_step
-from engine.train.build import lr_at, resolve_device, uses_graphs
-from engine.train.run_state import Run
+from engine.train.build import lr_at, progress_on, resolve_device, uses_graphs
+from engine.train.run_state import Run, run_dir_of
+from writers.run_lock import RunLock, RunOwned
 
 # Keys that may differ between packed runs: what makes them different seeds, and where they write.
 PER_SEED_KEYS = ('training.seed', 'output.name')
@@ -140,8 +145,7 @@ def check_packable(cfgs):
 
 
 def progress_bar(cfg, batches, epoch, total):
-    on = cfg.training.progress == 'on' or (cfg.training.progress == 'auto' and sys.stderr.isatty())
-    return tqdm(batches, total=total, desc=f'epoch {epoch}', disable=not on, leave=False, file=sys.stderr,
+    return tqdm(batches, total=total, desc=f'epoch {epoch}', disable=not progress_on(cfg), leave=False, file=sys.stderr,
                 unit='batch', dynamic_ncols=True)
 
 
@@ -156,62 +160,130 @@ def show_progress(bar, i, meter, t0):
 
 def train_runs(runs, stepper, log):
     """The epoch loop over runs (one, or the packed seeds of stepper) from their start epoch to the end or to
-    training.stop_after; then each run's final table. Returns the runs' folders."""
+    training.stop_after; then each run's final table. Returns the folders of the runs that did not fail; raises
+    RunFailed (after the others are done) naming those that did."""
     cfg = runs[0].cfg
-    try:
-        for epoch in range(runs[0].start, cfg.training.epochs + 1):
-            lr = lr_at(cfg, epoch)
-            set_lr(stepper.optimizer, lr)
-            for run in runs:
-                run.loaders.train.set_epoch(epoch)
-            meter = EpochMeter(len(runs), runs[0].device)
-            t0 = time.perf_counter()
-            bar = progress_bar(cfg, zip(*(r.loaders.train for r in runs)), epoch, total=len(runs[0].loaders.train))
-            for i, batches in enumerate(bar):
-                batch = stepper.batch(batches)
-                meter.add(stepper.step(batch, epoch), batch[1].shape[-1])
-                show_progress(bar, i, meter, t0)
-                if i == 0 and stepper.fast and runs[0].epochs_this_run == 0:
-                    meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
-                    log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')
-            seconds = time.perf_counter() - t0
-            stepper.end_epoch()
-            stop = False
-            for k, (run, stats) in enumerate(zip(runs, meter.read())):
-                with stepper.seed(k):
-                    stop = run.end_epoch(epoch, lr, stats, seconds, stepper.eval_model(k), stepper.autocast) or stop
-            if stop:
-                return [r.run_dir for r in runs]
-        for k, run in enumerate(runs):
-            with stepper.seed(k):
-                run.finish()
-        return [r.run_dir for r in runs]
-    finally:
+    failed = {}
+    stop = False
+    for epoch in range(runs[0].start, cfg.training.epochs + 1):
+        lr = lr_at(cfg, epoch)
+        set_lr(stepper.optimizer, lr)
         for run in runs:
-            run.metrics.close()
+            run.loaders.train.set_epoch(epoch)
+        meter = EpochMeter(len(runs), runs[0].device)
+        t0 = time.perf_counter()
+        bar = progress_bar(cfg, zip(*(r.loaders.train for r in runs)), epoch, total=len(runs[0].loaders.train))
+        for i, batches in enumerate(bar):
+            batch = stepper.batch(batches)
+            meter.add(stepper.step(batch, epoch), batch[1].shape[-1])
+            show_progress(bar, i, meter, t0)
+            if i == 0 and stepper.fast and runs[0].epochs_this_run == 0:
+                meter.sums.sum().item()  # once per run: wait for the first step, which includes compilation
+                log(f'first fast step (compilation included): {time.perf_counter() - t0:.1f}s')
+        seconds = time.perf_counter() - t0
+        stepper.end_epoch()
+        for k, (run, stats) in enumerate(zip(runs, meter.read())):
+            if k not in failed:  # a failed seed's slice of a packed model trains on, unread: it touches no other
+                with stepper.seed(k):
+                    try:
+                        stop = run.end_epoch(epoch, lr, stats, seconds, stepper.eval_model(k), stepper.autocast) or stop
+                    except RunFailed as e:
+                        failed[k] = e
+        for k, run in enumerate(runs):  # every pending checkpoint of the group is written: make them the last
+            if k not in failed:
+                run.commit()
+        if stop or len(failed) == len(runs):
+            break
+    else:
+        for k, run in enumerate(runs):
+            if k not in failed:
+                with stepper.seed(k):
+                    run.finish()
+    if failed:
+        raise RunFailed('\n'.join(str(e) for e in failed.values()))
+    return [r.run_dir for r in runs]
+
+
+def _train_alone(cfg, device, log):
+    """One run whose folder the caller owns."""
+    with contextlib.ExitStack() as stack:
+        run = Run(cfg, device, log, graphed=uses_graphs(cfg, device))
+        stack.callback(run.close)
+        stepper = SingleStepper(run, run.log)  # before restore: a channels-last model then receives the checkpoint
+        run.restore()
+        return train_runs([run], stepper, run.log)[0]
+
+
+def _train_packed(cfgs, device, log):
+    """Runs of one group, at one epoch, whose folders the caller owns, trained as one packed model."""
+    check_packable(cfgs)
+    with contextlib.ExitStack() as stack:
+        runs, streams = [], []
+        for c in cfgs:  # each seed's set-up draws from its own freshly seeded (or restored) stream, as alone
+            run = Run(c, device, log)
+            stack.callback(run.close)
+            run.grouped = True
+            run.restore()
+            runs.append(run)
+            streams.append(rng_state(device))
+        if len({r.start for r in runs}) != 1:
+            raise UserError('packed seeds must resume from the same epoch; got '
+                            + ', '.join(f'{r.run_dir}: {r.start - 1}' for r in runs))
+        log(f'packed {len(runs)} seeds ({", ".join(str(c.training.seed) for c in cfgs)}) as one model')
+        return train_runs(runs, PackedStepper(runs, streams), log)
 
 
 def train(cfg, log=print):
-    """Train one run to the end (or to training.stop_after epochs); returns its folder."""
+    """Train one run to the end (or to training.stop_after epochs), owning its folder; returns the folder."""
     device = resolve_device(cfg.training.device)
-    run = Run(cfg, device, log, graphed=uses_graphs(cfg, device))
-    stepper = SingleStepper(run, log)  # before restore: a channels-last model then receives the checkpoint
-    run.restore()
-    return train_runs([run], stepper, log)[0]
+    with RunLock(run_dir_of(cfg), log):
+        checkpoint.settle_group([run_dir_of(cfg)], log)  # a run trained packed before, now alone
+        return _train_alone(cfg, device, log)
+
+
+def train_group(cfgs, log=print, sweep=False):
+    """Train the runs of one method and grid point (see check_packable) packed, as far as they are at one epoch
+    after checkpoint.settle_group (a run at another epoch trains alone, with a message; one run trains alone).
+    sweep=True: runs owned by another live process, or finished or failed meanwhile, are skipped with a message.
+    Returns the folders trained; raises RunFailed after the others when a run diverged."""
+    device = resolve_device(cfgs[0].training.device)
+    with contextlib.ExitStack() as stack:
+        claimed = []
+        for c in cfgs:
+            lock = RunLock(run_dir_of(c), log)
+            try:
+                lock.acquire()
+            except RunOwned as e:
+                if not sweep:
+                    raise
+                log(f'skipping {run_dir_of(c)}: {e}')
+                continue
+            stack.callback(lock.release)
+            done = [f for f in ('final.json', 'failed.json') if os.path.exists(os.path.join(run_dir_of(c), f))]
+            if sweep and done:
+                log(f'skipping {run_dir_of(c)}: {done[0]} written meanwhile (another process)')
+                continue
+            claimed.append(c)
+        epochs = checkpoint.settle_group([run_dir_of(c) for c in claimed], log)
+        by_epoch = {}
+        for c, epoch in zip(claimed, epochs):
+            by_epoch.setdefault(epoch, []).append(c)
+        if len(by_epoch) > 1:
+            log('runs at different epochs train apart: ' + ', '.join(
+                f'{run_dir_of(c)} ({e})' for e, cs in by_epoch.items() for c in cs))
+        trained, failures = [], []
+        for together in by_epoch.values():
+            try:
+                trained += (_train_packed(together, device, log) if len(together) > 1
+                            else [_train_alone(together[0], device, log)])
+            except RunFailed as e:
+                failures.append(str(e))
+        if failures:
+            raise RunFailed('\n'.join(failures))
+        return trained
 
 
 def train_packed(cfgs, log=print):
-    """Train the runs of `cfgs` (see check_packable) packed; returns their folders."""
+    """Train the runs of `cfgs` (see check_packable) packed, owning their folders; returns their folders."""
     check_packable(cfgs)
-    device = resolve_device(cfgs[0].training.device)
-    runs, streams = [], []
-    for c in cfgs:  # each seed's set-up draws from its own freshly seeded (or restored) stream, as alone
-        run = Run(c, device, log)
-        run.restore()
-        runs.append(run)
-        streams.append(rng_state(device))
-    if len({r.start for r in runs}) != 1:
-        raise UserError('packed seeds must resume from the same epoch; got '
-                        + ', '.join(f'{r.run_dir}: {r.start - 1}' for r in runs))
-    log(f'packed {len(runs)} seeds ({", ".join(str(c.training.seed) for c in cfgs)}) as one model')
-    return train_runs(runs, PackedStepper(runs, streams), log)
+    return train_group(cfgs, log)

@@ -1,31 +1,46 @@
 """One run's state: its folder (and the rules that keep two runs out of one), its parts, resume, and the
-bookkeeping that closes each epoch (metrics, evaluation, best and last checkpoints).
+bookkeeping that closes each epoch (metrics, evaluation, divergence check, best and last checkpoints).
 
-The epoch loop (engine.train.loop) drives one Run, or K Runs whose steps run packed; it never touches a file.
+The epoch loop (engine.train.loop) drives one Run, or K Runs whose steps run packed; it never touches a file. The
+caller owns the run folder (writers.run_lock.RunLock) before it builds a Run, and everything that can fail on bad
+input (data, labels, model) is built before the Run writes anything there.
 """
 import json
+import math
 import os
 import shutil
 
 import torch
 
 from engine import checkpoint, config as config_mod
-from engine.checkpoint import Progress, RandomState
+from engine.checkpoint import DataIdentity, Progress, RandomState
 from engine.data.loaders import labels_by_index
-from engine.errors import UserError
+from engine.errors import RunFailed, UserError
 from engine.evaluate import evaluate
 from engine.methods import corrupt_labels
+from engine.provenance import provenance
 from engine.soft_labels import SoftLabels
 from engine.step import make_sgd
 from engine.train.build import attack_budget, dtype_of, method_of, model_of, num_classes_of, open_data
 from engine.train.final import final_table
-from writers.run_files import MetricsLog, write_params
+from writers.atomic import remove_stale_temps
+from writers.run_files import (RUN_FILES, ConsoleLog, MetricsLog, append_provenance, read_failed, write_failed,
+                               write_params)
+from writers.run_lock import LOCK_NAME
 from writers.tables import epoch_line
 
-# Keys that may change between a run and its resumption without changing what is computed so far.
-RESUMABLE_CHANGES = ('training.resume', 'training.stop_after', 'training.progress', 'training.epochs',
-                     'training.device', 'data.dir', 'data.source', 'data.download', 'data.force', 'output.dir',
-                     'output.overwrite', 'output.tensorboard', 'evaluation.')
+# Keys that may change between a run and its resumption without changing what it computes: where it runs and
+# writes, how it shows progress, and what the final table (which states its settings) measures. training.epochs
+# only under a schedule that does not depend on it (refused_changes).
+RESUMABLE_CHANGES = ('training.resume', 'training.stop_after', 'training.progress', 'training.device', 'data.dir',
+                     'data.source', 'data.download', 'data.force', 'data.num_workers', 'output.dir', 'output.name',
+                     'output.overwrite', 'output.tensorboard', 'evaluation.final_n', 'evaluation.final_pgd_steps',
+                     'evaluation.cw_steps', 'evaluation.fgsm', 'evaluation.autoattack', 'evaluation.autoattack_n',
+                     'evaluation.autoattack_version', 'evaluation.batch_size')
+# A run has started once one of these exists: its folder then holds results that a new run must not mix into.
+STARTED = ('checkpoints/last.pt', 'checkpoints/pending.pt', 'final.json', 'failed.json')
+CHECKPOINT_FILES = ('last.pt', 'best.pt', 'pending.pt', 'last-eval.json', 'last-eval.md', 'best-eval.json',
+                    'best-eval.md')
 
 
 def run_dir_of(cfg):
@@ -34,44 +49,94 @@ def run_dir_of(cfg):
     return os.path.join(c.output.dir, name)
 
 
-def changed_keys(old_params, params):
-    """Keys whose value would change what the run computes: compared as typed values (so a list saved as
-    '100,150' equals [100, 150]); a key the old run did not know had its default."""
-    changed = []
-    for key, value in params.items():
-        if key.startswith(RESUMABLE_CHANGES):
-            continue
-        old = old_params.get(key, config_mod.KEYS[key].default)
-        try:
-            old = config_mod.check_value(key, old, 'saved params')
-        except UserError:
-            pass  # not a valid value today: certainly a change
-        new = config_mod.check_value(key, value, 'params')
-        if old != new:
-            changed.append((key, old, new))
+def _typed(key, value, where):
+    try:
+        return config_mod.check_value(key, value, where)
+    except UserError:
+        return value  # not a valid value today: compared as saved, so certainly a change
+
+
+def refused_changes(old_params, params):
+    """(key, old, new) of every change that would alter what the run computed or will compute. Values are
+    compared typed (a list saved as '100,150' equals [100, 150]); a key the old run did not know had its default.
+    training.epochs may grow or shrink under the piecewise schedule when every epoch so far was evaluated as it
+    would be in a run planned that long."""
+    old = {key: _typed(key, old_params.get(key, config_mod.KEYS[key].default), 'saved params') for key in params}
+    new = {key: config_mod.check_value(key, value, 'params') for key, value in params.items()}
+    epochs = 'training.epochs'
+    changed = [(k, old[k], new[k]) for k in params
+               if not k.startswith(RESUMABLE_CHANGES) and k != epochs and old[k] != new[k]]
+    if old[epochs] != new[epochs] and (new['schedule.kind'] != 'piecewise' or (
+            old[epochs] % new['evaluation.every'] and new['evaluation.every'] > 1)):
+        changed.append((epochs, old[epochs], new[epochs]))
     return changed
 
 
-def prepare_run_dir(cfg, params, log):
-    """Refuse to mix two runs in one folder; on resume, refuse a config that would change the results."""
-    run_dir = run_dir_of(cfg)
+def describe_changes(changed):
+    return ', '.join(f'{k} {old!r} -> {new!r}' for k, old, new in changed)
+
+
+def clear_run(run_dir, log):
+    """--output.overwrite=true: remove what this engine wrote into run_dir, which must be a run of this engine;
+    anything else there stays (and is named)."""
+    try:
+        with open(os.path.join(run_dir, 'params.json'), encoding='utf-8') as f:
+            params = json.load(f)
+        ours = isinstance(params, dict) and 'method.name' in params
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(f'{run_dir}: not a run folder of this engine (no readable params.json); overwrite removes '
+                        'only runs; pick another --output.name')
+    checkpoints = os.path.join(run_dir, 'checkpoints')
+    for name in CHECKPOINT_FILES if os.path.isdir(checkpoints) else ():
+        if os.path.isfile(os.path.join(checkpoints, name)):
+            os.remove(os.path.join(checkpoints, name))
+    for name in RUN_FILES:
+        path = os.path.join(run_dir, name)
+        if name == 'tensorboard' and os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.isfile(path) or os.path.islink(path):
+            os.remove(path)
+    left = sorted(set(os.listdir(run_dir)) - {LOCK_NAME, 'checkpoints'})
+    if os.path.isdir(checkpoints):
+        left += [f'checkpoints/{name}' for name in sorted(os.listdir(checkpoints))]
+        if not os.listdir(checkpoints):
+            os.rmdir(checkpoints)
+    log(f'{run_dir}: overwrite=true, starting afresh' + (f' (left there, not written by the engine: '
+                                                          f'{", ".join(left)})' if left else ''))
+
+
+def prepare_run_dir(run_dir, cfg, params, log):
+    """Called with the folder owned: refuse to mix two runs in one folder and to resume what changes the
+    results; clear it for overwrite. Returns the checkpoint to resume from, or None."""
+    for folder in (run_dir, os.path.join(run_dir, 'checkpoints')):  # what killed writers of this run left
+        remove_stale_temps(folder, log)
     last = os.path.join(run_dir, 'checkpoints', 'last.pt')
-    existing = os.path.join(run_dir, 'params.json')
-    if os.path.exists(existing) and cfg.output.overwrite:
-        log(f'{run_dir}: overwrite=true, starting afresh')
-        shutil.rmtree(run_dir)
-    elif os.path.exists(existing) and not cfg.training.resume:
+    started = [name for name in STARTED if os.path.exists(os.path.join(run_dir, name))]
+    failed = read_failed(run_dir)
+    foreign = sorted(set(os.listdir(run_dir)) - {LOCK_NAME, *RUN_FILES})
+    if not os.path.exists(os.path.join(run_dir, 'params.json')) and foreign:
+        raise UserError(f'{run_dir}: exists and is not a run folder of this engine (holds {", ".join(foreign[:5])}); '
+                        'pick another --output.name or --output.dir')
+    if cfg.output.overwrite and os.path.exists(os.path.join(run_dir, 'params.json')):
+        clear_run(run_dir, log)
+        started, failed = [], None
+    elif started and not cfg.training.resume:
         raise UserError(f'{run_dir}: a run is already there; --training.resume=true continues it, '
                         '--output.overwrite=true starts afresh, --output.name=... picks another folder')
-    elif os.path.exists(existing):
-        with open(existing) as f:
-            changed = changed_keys(json.load(f), params)
+    elif failed is not None:
+        raise UserError(f"{run_dir}: this run failed at epoch {failed.get('epoch')} ({failed.get('reason')}: "
+                        f"{failed.get('value')}; failed.json); --output.overwrite=true starts it afresh")
+    elif started:
+        with open(os.path.join(run_dir, 'params.json'), encoding='utf-8') as f:
+            changed = refused_changes(json.load(f), params)
         if changed:
-            raise UserError(f'{run_dir}: cannot resume with a different config: '
-                            + ', '.join(f'{k} {old!r} -> {new!r}' for k, old, new in changed))
-    os.makedirs(run_dir, exist_ok=True)
+            raise UserError(f'{run_dir}: cannot resume with a different config: {describe_changes(changed)}')
+    elif os.path.exists(os.path.join(run_dir, 'params.json')):
+        log(f'{run_dir}: an earlier start never finished an epoch; starting afresh')
     write_params(run_dir, params)
-    return run_dir, (last if cfg.training.resume and os.path.exists(last) else None)
+    return last if started and os.path.exists(last) else None
 
 
 def evaluate_epoch(cfg, model, loaders):
@@ -90,31 +155,36 @@ def evaluate_epoch(cfg, model, loaders):
 
 class Run:
     """One run: config, folder, data, model, optimizer, method, labels and soft labels, metrics log, and its
-    checkpoint parts. Built in the order that fixes the run's random stream: seed, data, model; restore() then
-    loads a checkpoint to resume from, RNG state included."""
+    checkpoint parts. Built in the order that fixes the run's random stream: seed, data, model; then (all input
+    checked) the folder is prepared; restore() loads a checkpoint to resume from, RNG state included. The caller
+    owns the folder (RunLock) and calls close()."""
 
     def __init__(self, cfg, device, log=print, graphed=False):
-        self.cfg, self.device, self.log = cfg, device, log
+        self.cfg, self.device = cfg, device
         self.params = config_mod.flat(cfg)
-        self.run_dir, self.resume_from = prepare_run_dir(cfg, self.params, log)
+        self.run_dir = run_dir_of(cfg)
         torch.manual_seed(cfg.training.seed)
-        self.loaders, train_path = open_data(cfg, device, log)
+        self.loaders, (train_path, test_path) = open_data(cfg, device, log)
         self.model = model_of(cfg, self.loaders.image_shape[0], device)
         o, m = cfg.optimizer, cfg.method
         self.optimizer = make_sgd(self.model.parameters(), lr=o.lr, momentum=o.momentum,
                                   weight_decay=o.weight_decay, nesterov=o.nesterov, device=device, graphed=graphed)
         self.method, self.attack = method_of(cfg), attack_budget(cfg)
         n_cls = num_classes_of(cfg)
-        self.labels = corrupt_labels(labels_by_index(train_path), n_cls, m.label_noise, m.noise_rate,
-                                     m.noise_seed).to(device)
+        train_labels = labels_by_index(train_path)
+        self.labels = corrupt_labels(train_labels, n_cls, m.label_noise, m.noise_rate, m.noise_seed).to(device)
         self.soft_labels = SoftLabels(self.labels, n_cls, dtype_of(cfg, device)) if self.method.soft_labels else None
         self.progress = Progress()
         self.parts = {'model': self.model, 'optimizer': self.optimizer, 'rng': RandomState(),
-                      'progress': self.progress}
+                      'progress': self.progress, 'data': DataIdentity(train_labels, labels_by_index(test_path))}
         if self.soft_labels is not None:
             self.parts['soft_labels'] = self.soft_labels
+        # Everything above checks the input; only now is anything written into the folder.
+        self.resume_from = prepare_run_dir(self.run_dir, cfg, self.params, log)
+        self.log = ConsoleLog(self.run_dir, log)
         self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.output.tensorboard)
         self.epochs_this_run = 0
+        self.grouped = False  # packed: checkpoints go through pending.pt (checkpoint.settle_group)
 
     @property
     def start(self):
@@ -122,20 +192,41 @@ class Run:
         return self.progress.epoch + 1
 
     def restore(self):
-        """Resume from the last checkpoint when there is one to resume from; then say what will run."""
+        """Resume from the last checkpoint when there is one to resume from (refusing one written by another
+        config, on other data, or holding non-finite weights); then say what will run."""
         cfg, log = self.cfg, self.log
         if self.resume_from:
-            checkpoint.restore(self.resume_from, self.parts, self.device)
+            state = checkpoint.load(self.resume_from, self.device)
+            changed = refused_changes(state['params'], self.params)
+            if changed:
+                raise UserError(f'{self.resume_from}: written by a run with another config: '
+                                f'{describe_changes(changed)}; not resumable here')
+            if state['params'].get('training.device', cfg.training.device) != cfg.training.device:
+                log(f"{self.run_dir}: resuming on training.device={cfg.training.device} (trained so far on "
+                    f"{state['params']['training.device']}): later epochs use that device's kernels")
+            if 'data' not in state:
+                log(f'{self.resume_from}: written before checkpoints held a data fingerprint; the data is not '
+                    'checked')
+            checkpoint.restore(self.resume_from, self.parts, self.device, optional=('data',), state=state)
+            bad = non_finite(self.model)
+            if bad:
+                raise UserError(f'{self.resume_from}: non-finite weights ({", ".join(bad[:3])}); not resumable')
+            if self.progress.epoch > cfg.training.epochs:
+                raise UserError(f'{self.resume_from}: holds epoch {self.progress.epoch}, past '
+                                f'training.epochs={cfg.training.epochs}')
             log(f'{self.run_dir}: resuming after epoch {self.progress.epoch}')
-        self.metrics.truncate_after(self.progress.epoch)  # a kill can land between the checkpoint and the log
+        self.metrics.truncate_after(self.progress.epoch, log)  # a kill can land between the checkpoint and the log
+        append_provenance(self.run_dir, provenance(self.device, resumed_after_epoch=self.progress.epoch))
         log(f'{self.run_dir}: {self.method.name} {cfg.model.arch} on {cfg.data.dataset} '
             f'({len(self.loaders.train_indices)} train images, {self.loaders.num_train_total} in the beton), '
             f'{cfg.training.epochs} epochs, device {self.device}')
 
     def end_epoch(self, epoch, lr, stats, seconds, net, autocast):
         """Record, evaluate, checkpoint and log a finished epoch. stats: the loop's sums for this run (loss x n,
-        robust-correct, clean-correct, grad-norm sum, images, steps). True when training.stop_after says stop."""
+        robust-correct, clean-correct, grad-norm sum, images, steps). True when training.stop_after says stop.
+        Raises RunFailed, writing failed.json and no checkpoint, when the loss or a weight is not finite."""
         cfg, device = self.cfg, self.device
+        self.check_finite(epoch, stats)
         images, n = stats['images'], max(stats['images'], 1)
         record = {'epoch': epoch, 'lr': lr, 'train_loss': stats['loss'] / n,
                   'train_robust_acc': 100 * stats['robust'] / n if self.method.attack is not None else None,
@@ -155,7 +246,7 @@ class Run:
                 self.progress.best = {'val_pgd_acc': selector, 'epoch': epoch}
                 checkpoint.save(self.checkpoint_path('best'), {'model': self.model, 'progress': self.progress},
                                 self.params)
-        checkpoint.save(self.checkpoint_path('last'), self.parts, self.params)
+        checkpoint.save(self.checkpoint_path('pending' if self.grouped else 'last'), self.parts, self.params)
         self.metrics.append(record)
         self.log(epoch_line(record))
         self.epochs_this_run += 1
@@ -166,8 +257,39 @@ class Run:
             return True
         return False
 
+    def check_finite(self, epoch, stats):
+        """Divergence: the epoch's loss and gradient norm (already on the host) and every weight and buffer (one
+        device read per epoch). On failure the last good checkpoints stay as they are."""
+        bad = [(f'train {key}', stats[key]) for key in ('loss', 'grad_norm') if not math.isfinite(stats[key])]
+        if not bad:
+            bad = [('weights', name) for name in non_finite(self.model)[:3]]
+        if bad:
+            what, value = bad[0]
+            write_failed(self.run_dir, epoch, f'non-finite {what}', value)
+            self.log(f'{self.run_dir}: FAILED at epoch {epoch}: non-finite {what} ({value}); the checkpoints of '
+                     f'epoch {self.progress.epoch} are kept, failed.json marks the run')
+            raise RunFailed(f'{self.run_dir}: training diverged at epoch {epoch}: non-finite {what} ({value}); '
+                            f'last good checkpoint: epoch {self.progress.epoch} (lower optimizer.lr?)')
+
+    def commit(self):
+        """Packed: phase 2 of the group checkpoint (checkpoint.settle_group), once every run wrote pending.pt."""
+        if self.grouped and os.path.exists(self.checkpoint_path('pending')):
+            os.replace(self.checkpoint_path('pending'), self.checkpoint_path('last'))
+
     def checkpoint_path(self, which):
         return os.path.join(self.run_dir, 'checkpoints', f'{which}.pt')
 
     def finish(self):
         final_table(self.cfg, self.model, self.loaders, self.run_dir, self.progress.best, self.device, self.log)
+
+    def close(self):
+        self.metrics.close()
+        self.log.close()
+
+
+def non_finite(model):
+    """Names of the model's floating-point weights and buffers holding NaN or infinity (one host read when none)."""
+    state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    if torch.stack([v.isfinite().all() for v in state.values()]).all().item():
+        return []
+    return [k for k, v in state.items() if not v.isfinite().all()]
