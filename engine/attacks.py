@@ -5,6 +5,7 @@ fixed step count, so a training step that calls them can run asynchronously on a
 draw from torch's default generator, so saving/restoring its state reproduces them.
 """
 import contextlib
+import dataclasses
 import logging
 from typing import Callable
 
@@ -72,14 +73,27 @@ def _attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, p_clean: torc
     return cw_margin_loss(logits, y)
 
 
-def random_start(x: torch.Tensor, eps: float, start: str) -> torch.Tensor:
-    """PGD's starting point: 'uniform' (x + U(-eps, eps) clipped to [0, 1]), 'normal' (x + 0.001 N(0, 1)), 'none'."""
+def random_start(x: torch.Tensor, eps: float, start: str, *, clamp: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD's starting point: 'uniform' (x + U(-eps, eps), clipped to [0, 1] unless clamp is False), 'normal'
+    (x + 0.001 N(0, 1)), 'none'. generator None draws from torch's default generator on x's device (training);
+    a generator draws on its own device, in logical order and x's dtype, and the noise is then moved to x's device
+    (as the official evaluation scripts: torch.FloatTensor(*shape).uniform_(-eps, eps).cuda())."""
+    if generator is not None and start != 'none':
+        noise = torch.empty(x.shape, dtype=x.dtype, device=generator.device)
+        if start == 'uniform':
+            noise = noise.uniform_(-eps, eps, generator=generator)
+        else:
+            noise = NORMAL_START_STD * noise.normal_(generator=generator)
+        x_start = x + noise.to(x.device)
+        return x_start.clamp(0, 1) if start == 'uniform' and clamp else x_start
     # Noise is drawn in logical (NCHW) order whatever x's memory format: random generators fill memory in order,
     # so a channels-last x would otherwise give each pixel a different draw than the eager reference path.
     if start == 'uniform':
-        # As the official PGD code: a uniform point of the eps-ball, clipped to the image range.
+        # As the official PGD code: a uniform point of the eps-ball, clipped to the image range (unless clamp is
+        # False: SGLS' and TRADES' evaluation scripts take the first gradient at the unclipped point).
         noise = torch.empty_like(x, memory_format=torch.contiguous_format).uniform_(-eps, eps)
-        return (x + noise).clamp(0, 1)
+        return (x + noise).clamp(0, 1) if clamp else x + noise
     if start == 'normal':
         # As TRADES: a tiny Gaussian nudge (KL is flat at x itself), not clipped.
         return x + NORMAL_START_STD * torch.randn_like(x, memory_format=torch.contiguous_format)
@@ -88,13 +102,16 @@ def random_start(x: torch.Tensor, eps: float, start: str) -> torch.Tensor:
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
         loss: str = 'ce', start: str | Callable = 'uniform', bn_mode: str = 'eval',
-        p_clean: torch.Tensor | None = None, loss_scale: float = 1.0) -> torch.Tensor:
+        p_clean: torch.Tensor | None = None, loss_scale: float = 1.0, clamp_start: bool = True,
+        generator: torch.Generator | None = None) -> torch.Tensor:
     """L-inf PGD. Each step: x_adv = clamp(min(max(x_adv + step_size * sign(grad), x - eps), x + eps), 0, 1).
 
     loss: 'ce' (cross entropy vs y), 'kl' (TRADES: sum KL(p_clean || softmax(f(x_adv))); p_clean defaults
     to softmax(f(x)) computed without grad in the attack's BN mode), 'cw' (margin, see cw_margin_loss).
     start: 'uniform' (x + U(-eps, eps) clipped to [0, 1]), 'normal' (x + 0.001 N(0, 1)), 'none', or a callable
     start(x, eps) -> starting point (packed seeds draw each seed's start from its own random stream).
+    clamp_start False keeps a uniform start unclipped (the official evaluation scripts); generator: where a named
+    start draws its noise (see random_start; None = torch's default generator). Both are ignored by a callable.
     The model's logits may be [B, C] or [..., C] with y of shape [...] (packed seeds: [B, K, C] and [B, K]).
     bn_mode: 'eval' runs the attack in eval mode and restores the previous modes; 'train' leaves them.
     loss_scale multiplies the objective before the gradient (fp16: keeps input gradients from underflowing;
@@ -111,7 +128,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
                 with torch.no_grad():
                     p_clean = F.softmax(upcast(model(x)), dim=-1)
             p_clean = upcast(p_clean.detach())
-        x_adv = start(x, eps) if callable(start) else random_start(x, eps, start)
+        x_adv = start(x, eps) if callable(start) else random_start(x, eps, start, clamp=clamp_start,
+                                                                        generator=generator)
         lower, upper = x - eps, x + eps
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -133,6 +151,58 @@ def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
            bn_mode: str = 'eval') -> torch.Tensor:
     """CW-inf: PGD on the CW margin loss (uniform random start)."""
     return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, loss='cw', bn_mode=bn_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class PgdPreset:
+    """A PGD evaluation as one paper's code runs it: the final table's column `name` (evaluation.presets).
+    eps and step_size are in pixel units ([0, 1] images) and fixed: they do not follow the run's attack.eps."""
+    name: str
+    eps: float
+    step_size: float
+    steps: int
+    start: str          # 'uniform' (in the eps-ball), 'normal' (0.001 N(0, 1)) or 'none'
+    clamp_start: bool   # whether the random start is clipped to [0, 1] before the first gradient
+    loss: str           # 'ce' or 'cw'
+    bn_mode: str        # BN mode while attacking ('eval': the model in eval mode, as all sources below)
+    source: str         # repository, file and lines the settings are read from
+
+    def __post_init__(self):
+        for what, value, choices in (('start', self.start, STARTS), ('loss', self.loss, ('ce', 'cw')),
+                                     ('bn_mode', self.bn_mode, BN_MODES)):
+            _check_choice(what, value, choices)
+
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        return pgd(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps, loss=self.loss,
+                   start=self.start, clamp_start=self.clamp_start, bn_mode=self.bn_mode, generator=generator)
+
+    def settings(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The evaluation PGD of each paper's official code, read from the code (not from the papers' text). All three run
+# the model in eval mode, maximise cross entropy (a mean; its gradient has the sign of our sum) and take steps
+# x + step * sign(grad), projected onto the eps-ball and clipped to [0, 1].
+PRESETS = {p.name: p for p in (
+    # devicerxx/SGLS pgd_attack.py (commit 30f9605): lines 21-28 `--epsilon default=0.031`, `--num-steps
+    # default=20`, `--step-size default=0.003`, `--random default=True`; lines 44-46 `X_pgd = X_pgd.data +
+    # torch.FloatTensor(*X_pgd.shape).uniform_(-epsilon, epsilon)` (not clipped); lines 48-59 the loop (CE, sign
+    # step, `eta = clamp(X_pgd - X, -epsilon, epsilon)`, `clamp(X_pgd, 0, 1.0)`); line 67 `model.eval()`.
+    PgdPreset('pgd20_sgls', eps=0.031, step_size=0.003, steps=20, start='uniform', clamp_start=False, loss='ce',
+              bn_mode='eval', source='devicerxx/SGLS pgd_attack.py L21-59'),
+    # yaodongyu/TRADES pgd_attack_cifar10.py (commit 5a827d9, "add random initialization in FGSM-k attack"; the
+    # README calls it FGSM-20): lines 20-28 the same defaults, lines 63-65 the same unclipped uniform start, lines
+    # 67-78 the same loop, line 119 `model.eval()`. (Its first two versions, 1d84765 and fb3fc9f, had no random start.)
+    PgdPreset('pgd20_trades', eps=0.031, step_size=0.003, steps=20, start='uniform', clamp_start=False, loss='ce',
+              bn_mode='eval', source='yaodongyu/TRADES pgd_attack_cifar10.py L20-78'),
+    # zibojia/RSLAD resnet18_rslad_cifar10.py line 72 (and its other three training scripts) after `student.eval()`:
+    # `attack_pgd(student, ..., attack_iters=20, step_size=0.003, epsilon=8.0/255.0)`; rslad_loss.py lines 8-24:
+    # start x + uniform_(-epsilon, epsilon) clipped to [0, 1] (lines 10-11), CE, a sign step, then clipped to
+    # [0, 1] before the eps-ball projection (the same point as ours, up to rounding).
+    PgdPreset('pgd20_rslad', eps=8 / 255, step_size=0.003, steps=20, start='uniform', clamp_start=True, loss='ce',
+              bn_mode='eval', source='zibojia/RSLAD resnet18_rslad_cifar10.py L72, rslad_loss.py L8-24'),
+)}
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str = 'standard',

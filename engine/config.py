@@ -20,8 +20,8 @@ import yaml
 from fastargs import Config, Param, Section
 from fastargs.dict_utils import NestedNamespace
 
-from engine.attacks import BN_MODES
-from engine.config_checks import P, Rule, is_folder_name
+from engine.attacks import BN_MODES, PRESETS
+from engine.config_checks import Names, P, Rule, is_folder_name
 from engine.data.datasets import DATASETS
 from engine.errors import ConfigError
 from engine.methods import METHODS, PARAMS as METHOD_PARAMS
@@ -53,6 +53,8 @@ def declare(config):
         synthetic_classes=P(int, 10, 'synthetic: classes', low=2),
         synthetic_shape=P(tuple, (3, 32, 32), 'synthetic: C,H,W', of=int, length=3, low=1),
         synthetic_seed=P(int, 0, 'synthetic: generator seed'),
+        drop_last=P(bool, True, 'drop the last partial training batch (official SGLS/TRADES code keeps it: 391 steps '
+                    'of 128 on 50,000 images)'),
     )
     section('model', 'Network').params(
         arch=P(str, 'resnet18', 'architecture', choices=ARCHS),
@@ -117,6 +119,8 @@ def declare(config):
         autoattack_n=P(int, 0, 'test images for AutoAttack (0 = final_n)', low=0),
         autoattack_version=P(str, 'standard', 'AutoAttack version', choices=('standard', 'plus', 'rand')),
         batch_size=P(int, 512, 'evaluation batch size', low=1),
+        presets=Param(Names(PRESETS), 'named PGD evaluations of the papers\' code (engine/attacks.py PRESETS), one '
+                      'final-table column each, with their own eps/step/steps/start', default=()),
     )
     section('output', 'Run folder').params(
         dir=P(str, 'runs', 'parent folder of run folders'),

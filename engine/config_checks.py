@@ -112,3 +112,22 @@ def is_folder_name(name):
 
 def P(kind, default, desc, **limits):
     return Param(Strict(kind, **limits), desc, default=default)
+
+
+class Names(Strict):
+    """A list of distinct names, each one of `choices` (Strict's own lists hold numbers), given as a YAML list or a
+    comma-separated string; kept in the given order."""
+
+    def __init__(self, choices):
+        super().__init__(tuple, of=str, choices=tuple(choices))
+
+    def check(self, value):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(',') if part.strip()]
+        value = super().check(value)
+        if len(set(value)) != len(value):
+            raise ValueError
+        return value
+
+    def help(self):
+        return f"a list of distinct names (comma separated or a YAML list), each one of {', '.join(self.choices)}"

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyautoattack.autopgd_base import APGDAttack
 
-from engine.attacks import cw_inf, cw_margin_loss, fgsm, pgd
+from engine.attacks import cw_inf, cw_margin_loss, fgsm, pgd, random_start
 from engine.errors import ConfigError
 from engine.models import build_model
 
@@ -151,6 +151,29 @@ def test_random_start_reproducible_from_rng_state():
     torch.set_rng_state(state)
     b = pgd(model, x, y, eps=EPS, step_size=2 / 255, steps=2)
     assert torch.equal(a, b)
+
+
+def test_unclamped_start_and_own_generator():
+    """The presets' starts: a uniform start left outside [0, 1] (clamp=False), drawn from a given generator, which
+    leaves torch's default generator where it was; a channels-last x gets the same draws."""
+    x = torch.rand(4, 3, 8, 8)
+    x[0], x[1] = 0.0, 1.0
+    torch.manual_seed(0)
+    unclamped = random_start(x, EPS, 'uniform', clamp=False)
+    torch.manual_seed(0)
+    assert torch.equal(random_start(x, EPS, 'uniform').clamp(0, 1), unclamped.clamp(0, 1))
+    assert unclamped.min() < 0 and unclamped.max() > 1 and (unclamped - x).abs().max() <= EPS
+    state = torch.get_rng_state()
+    for start in ('uniform', 'normal'):
+        a = random_start(x, EPS, start, clamp=False, generator=torch.Generator().manual_seed(1))
+        b = random_start(x.contiguous(memory_format=torch.channels_last), EPS, start, clamp=False,
+                         generator=torch.Generator().manual_seed(1))
+        assert torch.equal(a, b) and a.dtype == x.dtype and not torch.equal(a, x), start
+    assert torch.equal(torch.get_rng_state(), state)
+    model, (xb, yb) = tiny_cnn().eval(), batch()
+    in_range = pgd(model, xb, yb, eps=EPS, step_size=2 / 255, steps=2, clamp_start=False,
+                   generator=torch.Generator().manual_seed(1))
+    assert_in_ball(in_range, xb, EPS)   # the steps clip even when the start is not
 
 
 def test_memory_format_no_grad_and_autocast():

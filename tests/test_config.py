@@ -166,3 +166,18 @@ def test_run_py_convert(tmp_path):
                       f'--data.source={tmp_path / "nowhere.tar.gz"}')
     assert missing.returncode == 2 and 'nowhere.tar.gz' in missing.stderr, missing.stderr
     assert not os.path.exists(tmp_path / 'c') or not os.listdir(tmp_path / 'c')
+
+
+def test_evaluation_presets_and_drop_last(tmp_path):
+    cfg = config.load()
+    assert cfg.evaluation.presets == () and cfg.data.drop_last is True
+    assert config.load(cli_args=['--evaluation.presets=pgd20_rslad, pgd20_sgls']).evaluation.presets == \
+        ('pgd20_rslad', 'pgd20_sgls')   # the given order: the table's column order
+    f = tmp_path / 'p.yaml'
+    f.write_text('evaluation:\n  presets: [pgd20_trades]\ndata:\n  drop_last: false\n')
+    cfg = config.load([str(f)])
+    assert (cfg.evaluation.presets, cfg.data.drop_last) == (('pgd20_trades',), False)
+    assert config.flat(cfg)['evaluation.presets'] == ['pgd20_trades']
+    for bad in ('pgd20_madry', 'pgd20_sgls,pgd20_sgls'):
+        with pytest.raises(ConfigError, match="'evaluation.presets' must be a list of distinct names"):
+            config.load(cli_args=[f'--evaluation.presets={bad}'])

@@ -1,7 +1,9 @@
 """The golden runs (tests/golden/runs.py) reproduce: every method, single and packed, eager and fast, in float64.
 
 They were recorded before the re-layout of the step, the loop and the checkpoints, with the command in the
-file's meta; any change to what a run computes, writes or draws from its random stream shows here.
+file's meta; any change to what a run computes, writes or draws from its random stream shows here. The trades and
+sgls_trades cases were re-recorded on 2026-12-02 when TRADES took the official forward order (meta.rerecorded says
+why and what was checked first).
 """
 import json
 

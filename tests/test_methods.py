@@ -129,6 +129,63 @@ def test_sgls_trades_loss_equals_formula(batch):
     np.testing.assert_allclose(sl.table.numpy()[idx], t, rtol=1e-5)
 
 
+# The train-mode forwards of one step, as the official code runs them (written out from the sources named in
+# engine/methods.py TRADES_ORDERS): yaodongyu/TRADES trades_loss; the SGLS authors' TRADES and TRADES_SAT classes.
+OFFICIAL_FORWARDS = {('trades', 'trades'): 'clean adv clean', ('trades', 'sgls_code'): 'clean adv',
+                     ('sgls_trades', 'trades'): 'clean adv clean', ('sgls_trades', 'sgls_code'): 'clean adv adv'}
+
+
+@pytest.mark.parametrize('method,order', list(OFFICIAL_FORWARDS))
+@pytest.mark.parametrize('start', ['normal', 'uniform'])
+def test_trades_batchnorm_statistics_follow_the_official_forwards(method, order, start):
+    """One whole train_step against the official step written out (attack in eval mode from the same start,
+    then the train-mode forwards): BatchNorm running statistics equal in float64, and for TRADES in its
+    official order the updated weights too (the loss as trades_loss computes it)."""
+    import copy
+    from engine.step import make_sgd, train_step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 4)).double()
+    official = copy.deepcopy(model)
+    x, y, idx = torch.rand(16, 12, dtype=torch.float64), torch.randint(0, 4, (16,)), torch.arange(16)
+    eps, step, steps, beta = 8 / 255, 2 / 255, 3, 6.0
+    m = make_method(method, trades_order=order, trades_start=start, beta=beta,
+                    **({'sgls_start_epoch': 1} if method == 'sgls_trades' else {}))
+    soft = SoftLabels(y, 4, torch.float64) if m.soft_labels else None
+    torch.manual_seed(1)
+    train_step(model, make_sgd(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4), (x, y, idx), method=m,
+               attack=dict(eps=eps, step_size=step, steps=steps, bn_mode='eval'), soft_labels=soft, epoch=1)
+
+    torch.manual_seed(1)
+    kl_sum = torch.nn.KLDivLoss(reduction='sum')
+    official.eval()
+    if start == 'normal':
+        x_adv = x.detach() + 0.001 * torch.randn(x.shape, dtype=x.dtype)
+    else:
+        x_adv = (x.detach() + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        loss_kl = kl_sum(F.log_softmax(official(x_adv), dim=1), F.softmax(official(x), dim=1))
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = torch.min(torch.max(x_adv.detach() + step * torch.sign(grad), x - eps), x + eps).clamp(0, 1)
+    official.train()
+    outputs = [official({'clean': x, 'adv': x_adv}[which]) for which in OFFICIAL_FORWARDS[method, order].split()]
+    bn, official_bn = model[1], official[1]
+    assert bn.num_batches_tracked.item() == official_bn.num_batches_tracked.item() == len(outputs)
+    torch.testing.assert_close(bn.running_mean, official_bn.running_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, official_bn.running_var, rtol=1e-12, atol=1e-14)
+    if (method, order) == ('trades', 'trades'):  # trades_loss: CE on the first clean forward, KL to the third
+        logits, logits_adv, logits_again = outputs
+        loss = F.cross_entropy(logits, y) + beta / len(x) * kl_sum(F.log_softmax(logits_adv, dim=1),
+                                                                 F.softmax(logits_again, dim=1))
+        sgd = make_sgd(official.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+        for a, b in zip(model.parameters(), official.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_sgls_clean_forward_runs_in_train_mode_without_graph():
     """As the official code: the clean pass updates BatchNorm statistics but builds no graph."""
     torch.manual_seed(0)
@@ -165,7 +222,7 @@ def test_learning_rate_schedules():
 
 def test_each_method_declares_what_it_needs():
     from engine.methods import CE_ATTACK, KL_ATTACK, METHODS
-    needs = {name: (cls.attack, cls.soft_labels) for name, cls in METHODS.items()}
+    needs = {name: (make_method(name).attack, make_method(name).soft_labels) for name in METHODS}
     assert needs == {'ce': (None, False), 'at': (CE_ATTACK, False), 'trades': (KL_ATTACK, False),
                      'sgls': (CE_ATTACK, True), 'sgls_trades': (KL_ATTACK, True)}
     assert (CE_ATTACK.loss, CE_ATTACK.start, KL_ATTACK.loss, KL_ATTACK.start) == ('ce', 'uniform', 'kl', 'normal')

@@ -1,6 +1,10 @@
-"""Model zoo: exact parameter counts, shapes for CIFAR/Fashion-MNIST inputs, channels_last, normalization."""
+"""Model zoo: exact parameter counts, initialisation statistics against the official recipes, shapes for
+CIFAR/Fashion-MNIST inputs, channels_last, normalization."""
+import math
+
 import pytest
 import torch
+import torch.nn as nn
 
 from engine.errors import ConfigError
 from engine.models import ARCHS, build_model
@@ -17,6 +21,21 @@ def small_cnn_params(classes, in_ch, w=32, hidden=200):
     return convs + linears
 
 
+@pytest.fixture(scope='module')
+def full_size():
+    """full_size(arch): the default-width 10-class RGB model, seed 0, built once per module (wrn34_10 has 46M
+    parameters). Tests must not change its parameters or buffers."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            torch.manual_seed(0)
+            cache[arch] = build_model(arch, 10)
+        return cache[arch]
+    yield get
+    cache.clear()
+
+
 @pytest.mark.parametrize('arch, expected', [
     ('resnet18', 11_173_962),         # official SGLS / kuangliu ResNet-18 figure
     # kuangliu's PreActResNet18 has 11,171,146; Rice et al.'s adds a final BatchNorm2d(512): +1,024.
@@ -24,8 +43,8 @@ def small_cnn_params(classes, in_ch, w=32, hidden=200):
     ('wrn34_10', 46_160_474),         # TRADES WRN-34-10 without its unused sub_block1
     ('small_cnn', small_cnn_params(10, 3)),
 ])
-def test_parameter_counts_10_classes_rgb(arch, expected):
-    assert n_params(build_model(arch, 10)) == expected
+def test_parameter_counts_10_classes_rgb(full_size, arch, expected):
+    assert n_params(full_size(arch)) == expected
 
 
 def test_resnet18_param_count_follows_classes_and_channels():
@@ -33,6 +52,90 @@ def test_resnet18_param_count_follows_classes_and_channels():
     assert n_params(build_model('resnet18', 100)) == 11_173_962 + 90 * 513
     assert n_params(build_model('resnet18', 10, in_channels=1)) == 11_173_962 - 2 * 64 * 9
     assert n_params(build_model('small_cnn', 10, in_channels=1)) == small_cnn_params(10, 1)
+
+
+# --- Initialisation, per arch, as its official code leaves each layer (sources quoted in the model modules) ---
+# 'he_fan_out': w ~ N(0, sqrt(2 / (k*k*out_channels))), the loop
+#     n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels; m.weight.data.normal_(0, math.sqrt(2. / n))
+# 'default': PyTorch's default, kaiming_uniform_(a=sqrt(5)) for weights = U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+#     fan_in = weight[0].numel(); the same bound for a Linear bias.
+# 'zero': bias.data.zero_().  BatchNorm: weight 1, bias 0 everywhere (fill_(1) / zero_(), or the default).
+INIT_RULES = {
+    # devicerxx/SGLS models/resnet.py lines 73-79: convs He-normal fan-out, BN (1, 0), no Linear branch.
+    'resnet18': dict(conv='he_fan_out', linear_weight='default', linear_bias='default'),
+    # locuslab/robust_overfitting preactresnet.py (= SGLS models/pre.py): no init code, PyTorch's defaults.
+    'preact_resnet18': dict(conv='default', linear_weight='default', linear_bias='default'),
+    # yaodongyu/TRADES models/wideresnet.py lines 74-82 (= SGLS models/wideresnet.py lines 72-80): convs He-normal
+    # fan-out, BN (1, 0), Linear bias zeroed, Linear weight left at the default.
+    'wrn34_10': dict(conv='he_fan_out', linear_weight='default', linear_bias='zero'),
+    # Our own test model (no official source): PyTorch's defaults; the golden runs are recorded with it.
+    'small_cnn': dict(conv='default', linear_weight='default', linear_bias='default'),
+}
+SIGMAS = 6
+
+
+def assert_sample_of(w, dist, scale, what):
+    """w is a sample of N(0, scale) (dist 'normal') or U(-scale, scale) ('uniform'), within SIGMAS standard errors.
+
+    Standard errors for n i.i.d. draws of std s and kurtosis K (3 normal, 9/5 uniform): mean s / sqrt(n); sample
+    std, relatively, sqrt((K - 1) / (4n)), i.e. 1 / sqrt(2n) for a normal sample and sqrt(0.2 / n) for a uniform."""
+    w = w.detach().double().flatten()
+    n = w.numel()
+    std, kurtosis = (scale, 3.0) if dist == 'normal' else (scale / math.sqrt(3), 1.8)
+    rel_err = w.std().item() / std - 1
+    assert abs(rel_err) <= SIGMAS * math.sqrt((kurtosis - 1) / (4 * n)), \
+        f'{what}: sample std {w.std().item():.5g}, expected {std:.5g} ({n} weights)'
+    assert abs(w.mean().item()) <= SIGMAS * std / math.sqrt(n), f'{what}: mean {w.mean().item():.3g}'
+    peak = w.abs().max().item()
+    if dist == 'uniform':
+        assert peak <= scale, f'{what}: |w| reaches {peak:.5g} > bound {scale:.5g}'
+    else:
+        # A uniform sample of this std never passes sqrt(3) std; a normal one of n >= 432 draws fails to with
+        # probability P(|z| < sqrt 3)^n = 0.917^n < 1e-16.
+        assert peak > math.sqrt(3) * std, f'{what}: |w| <= {peak:.5g}, looks uniform, not normal'
+
+
+def default_bound(m):
+    return 1 / math.sqrt(m.weight[0].numel())
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_init_follows_the_official_recipe(full_size, arch):
+    rules = INIT_RULES[arch]
+    counts = {nn.Conv2d: 0, nn.BatchNorm2d: 0, nn.Linear: 0}
+    for name, m in full_size(arch).named_modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.bias is None, f'{name}: conv bias (not in the official models)'
+            if rules['conv'] == 'he_fan_out':
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                assert_sample_of(m.weight, 'normal', math.sqrt(2 / fan_out), name)
+            else:
+                assert_sample_of(m.weight, 'uniform', default_bound(m), name)
+        elif isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)), name
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+            assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean)), name
+            assert torch.equal(m.running_var, torch.ones_like(m.running_var)), name
+        elif isinstance(m, nn.Linear):
+            assert rules['linear_weight'] == 'default'
+            assert_sample_of(m.weight, 'uniform', default_bound(m), name)
+            if rules['linear_bias'] == 'zero':
+                assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+            else:   # too few entries (often 10) for statistics: in the bound, and drawn (not constant)
+                assert m.bias.abs().max() <= default_bound(m) and m.bias.std() > 0, name
+        else:
+            assert not list(m.parameters(recurse=False)), f'{name}: {type(m).__name__} has no init rule here'
+            continue
+        counts[type(m)] += 1
+    assert all(counts.values()), counts
+
+
+def test_he_init_differs_from_pytorch_default_where_it_should(full_size):
+    """The stem conv of ResNet-18 is N(0, sqrt(2 / (9 * 64))) = 0.059 (official), not the default's
+    1 / sqrt(3 * 27) = 0.111 (what this module did before following SGLS models/resnet.py)."""
+    stem = full_size('resnet18').conv1.weight
+    assert abs(stem.std().item() - math.sqrt(2 / (9 * 64))) < 0.006
+    assert abs(full_size('preact_resnet18').conv1.weight.std().item() - 1 / math.sqrt(3 * 27)) < 0.01
 
 
 TINY_WIDTH = {'resnet18': 4, 'preact_resnet18': 4, 'wrn34_10': 1, 'small_cnn': 8}
@@ -45,11 +148,22 @@ def test_output_shape(arch, shape):
     assert model(torch.rand(2, *shape)).shape == (2, 7)
 
 
-def test_default_width_full_size_forward():
-    torch.manual_seed(0)
-    model = build_model('resnet18', 10).eval()
-    with torch.no_grad():
+def test_default_width_full_size_forward(full_size):
+    model = full_size('resnet18').eval()
+    with torch.no_grad():   # eval + no_grad: the shared model's parameters and buffers stay as built
         assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_init_is_deterministic_for_a_seed(arch):
+    """Initialisation happens in __init__ from the global generator: the same seed gives the same model (all
+    parameters and buffers), another seed other weights."""
+    def build(seed):
+        torch.manual_seed(seed)
+        return build_model(arch, 10, width=TINY_WIDTH[arch]).state_dict()
+    first, again, other = build(0), build(0), build(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(v.is_floating_point() and not torch.equal(v, other[k]) for k, v in first.items())
 
 
 @pytest.mark.parametrize('arch', ARCHS)

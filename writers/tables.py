@@ -1,7 +1,9 @@
 """Text a person reads: the final-table Markdown and the per-epoch log line."""
 
-# Column order of the final table; 'worst' = correct under every attack evaluated.
+# Column order of the final table; 'worst' = correct under every attack evaluated (at the run's eps). The columns
+# of settings['presets'] (evaluation.presets) come before 'worst'.
 TABLE_COLUMNS = ('clean', 'fgsm', 'pgd', 'cw', 'autoattack', 'worst')
+START_TEXT = {'uniform': 'uniform start', 'normal': '0.001 N(0, 1) start', 'none': 'no random start'}
 
 
 def _over_255(value: float) -> str:
@@ -10,10 +12,28 @@ def _over_255(value: float) -> str:
     return f'{k:g}/255'
 
 
+def _pixels(value: float) -> str:
+    """8/255 when value is a whole number of 1/255 steps, else the decimal (0.031, 0.003) as the source gives it."""
+    k = value * 255
+    return _over_255(value) if abs(k - round(k)) < 1e-6 else f'{value:g}'
+
+
+def preset_line(name: str, p: dict) -> str:
+    """'pgd20_sgls: eps 0.031, step 0.003, 20 steps, uniform start unclamped, CE loss, BN eval (source); ...'"""
+    start = START_TEXT.get(p['start'], p['start'])
+    if p['start'] == 'uniform':
+        start += ' clamped to [0, 1]' if p['clamp_start'] else ' unclamped'
+    worst = "counted in worst" if p.get('in_worst') else "not counted in worst (not the run's eps)"
+    return (f"{name}: eps {_pixels(p['eps'])}, step {_pixels(p['step_size'])}, {p['steps']} steps, {start}, "
+            f"{p['loss'].upper()} loss, BN {p['bn_mode']} ({p['source']}); {worst}")
+
+
 def format_table(rows: dict[str, dict], settings: dict) -> str:
     """Markdown table: one row per key (e.g. 'best', 'final'); columns epoch (if any row has it) and the
-    accuracies present in any row (2 decimals); then a line with the evaluation settings."""
-    columns = [c for c in ('epoch',) + TABLE_COLUMNS if any(c in row for row in rows.values())]
+    accuracies present in any row (2 decimals); then a line with the evaluation settings and one line per preset."""
+    presets = settings.get('presets') or {}
+    order = ('epoch',) + TABLE_COLUMNS[:-1] + tuple(presets) + TABLE_COLUMNS[-1:]
+    columns = [c for c in order if any(c in row for row in rows.values())]
     lines = ['| checkpoint | ' + ' | '.join(columns) + ' |',
              '|---|' + '---:|' * len(columns)]
     for label, row in rows.items():
@@ -43,7 +63,8 @@ def format_table(rows: dict[str, dict], settings: dict) -> str:
         described.append(f"AutoAttack on the first {settings['autoattack_n']} of them")
     if 'best_selected_on' in settings:
         described.append(f"best checkpoint chosen on {settings['best_selected_on']}")
-    return '\n'.join(lines) + '\n\n' + ', '.join(described) + '\n'
+    footer = [f'- {preset_line(name, p)}' for name, p in presets.items()]
+    return '\n'.join(lines) + '\n\n' + ', '.join(described) + '\n' + ''.join(f'{line}\n' for line in footer)
 
 
 def epoch_line(r: dict) -> str:

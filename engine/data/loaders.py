@@ -173,15 +173,18 @@ class _EpochGate:
 
 
 class GpuTrainLoader(_EpochGate):
-    """Shuffled, augmented, drop_last batches of `positions` from images (N, C, H, W) uint8 already on device."""
+    """Shuffled, augmented batches of `positions` from images (N, C, H, W) uint8 already on device; the last
+    partial batch dropped (drop_last) or kept (the official SGLS / TRADES loaders keep it)."""
 
     def __init__(self, images, labels, positions, *, batch_size: int, seed: int, crop_padding: int, flip: bool,
-                 dtype=torch.float32):
+                 dtype=torch.float32, drop_last: bool = True):
         self.images, self.labels, self.positions, self.dtype = images, labels, positions, dtype
         self.batch_size, self.seed, self.crop_padding, self.flip = batch_size, seed, crop_padding, flip
+        self.drop_last = drop_last
 
     def __len__(self):
-        return len(self.positions) // self.batch_size
+        return (len(self.positions) // self.batch_size if self.drop_last
+                else math.ceil(len(self.positions) / self.batch_size))
 
     def __iter__(self):
         return self._batches(self._take_epoch())
@@ -191,7 +194,7 @@ class GpuTrainLoader(_EpochGate):
         gen = torch.Generator(device=dev)
         gen.manual_seed(_epoch_seed(self.seed, epoch))
         order = self.positions[torch.randperm(len(self.positions), generator=gen, device=dev)]
-        used = len(self) * size
+        used = images_per_epoch(len(self.positions), size, self.drop_last)
         # The whole epoch's draws up front: they depend on (seed, epoch) only, not on how far a pass got.
         shifts = torch.randint(0, 2 * pad + 1, (used, 2), generator=gen, device=dev) if pad else None
         flips = torch.rand(used, generator=gen, device=dev) < 0.5 if self.flip else None
@@ -244,10 +247,10 @@ class FfcvTrainLoader(_EpochGate, FfcvEvalLoader):
     """ffcv's shuffled drop_last batches (unaugmented uint8), cropped and flipped in torch as GpuTrainLoader does."""
 
     def __init__(self, loader: Loader, *, batch_size: int, seed: int, crop_padding: int, flip: bool,
-                 device: torch.device, dtype=torch.float32):
+                 device: torch.device, dtype=torch.float32, drop_last: bool = True):
         super().__init__(loader, dtype)
         self.batch_size, self.seed, self.crop_padding, self.flip = batch_size, seed, crop_padding, flip
-        self.device = torch.device(device)
+        self.device, self.drop_last = torch.device(device), drop_last
 
     def __iter__(self):
         epoch = self._take_epoch()
@@ -255,7 +258,8 @@ class FfcvTrainLoader(_EpochGate, FfcvEvalLoader):
         return self._batches(self._augmented(iter(self.loader), epoch))
 
     def _augmented(self, ffcv_batches, epoch: int):
-        dev, size, pad, used = self.device, self.batch_size, self.crop_padding, len(self) * self.batch_size
+        dev, size, pad = self.device, self.batch_size, self.crop_padding
+        used = images_per_epoch(len(self.loader.indices), size, self.drop_last)
         gen = torch.Generator(device=dev)
         gen.manual_seed(_epoch_seed(self.seed, epoch))
         # The whole epoch's draws up front: the k-th image of the epoch gets draw k, however far a pass got.
@@ -263,20 +267,24 @@ class FfcvTrainLoader(_EpochGate, FfcvEvalLoader):
         flips = torch.rand(used, generator=gen, device=dev) < 0.5 if self.flip else None
         for k, (images, labels, indices) in enumerate(ffcv_batches):
             if shifts is not None or flips is not None:
-                batch = slice(k * size, (k + 1) * size)  # drop_last: every batch is full
+                batch = slice(k * size, (k + 1) * size)  # every batch is full but a kept last one
                 images = crop_and_flip(images, None if shifts is None else shifts[batch],
                                        None if flips is None else flips[batch], pad)
             yield images, labels, indices
 
 
+def images_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    return n - n % batch_size if drop_last else n
+
+
 def _ffcv_loader(info: BetonInfo, indices, *, train: bool, batch_size: int, seed: int, device: torch.device,
-                 num_workers: int) -> Loader:
+                 num_workers: int, drop_last: bool = True) -> Loader:
     # No augmentation in ffcv's pipeline (see the module docstring): FfcvTrainLoader crops and flips.
     image = [NDArrayDecoder(), ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=False)]
     pipelines = {'image': image, 'label': [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)],
                  'index': [IntDecoder(), ToTensor(), ToDevice(device, non_blocking=True)]}
     return Loader(info.path, batch_size=batch_size, num_workers=num_workers, seed=seed, indices=indices,
-                  order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=train, pipelines=pipelines)
+                  order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=train and drop_last, pipelines=pipelines)
 
 
 @dataclass
@@ -300,8 +308,9 @@ def _on_device(path: str, shape: tuple, device: torch.device) -> tuple[torch.Ten
 def make_loaders(train_path: str, test_path: str, *, kind: str = 'gpu', batch_size: int = 128,
                  eval_batch_size: int = 512, device='cpu', seed: int = 0, val_size: int = 1000, split_seed: int = 0,
                  train_limit: int = 0, crop_padding: int = 4, flip: bool = True, num_workers: int = 2,
-                 dtype=torch.float32, num_classes: int | None = None) -> Loaders:
-    """Train (shuffled, augmented, drop_last), val (held out of the train beton) and test loaders.
+                 dtype=torch.float32, num_classes: int | None = None, drop_last: bool = True) -> Loaders:
+    """Train (shuffled, augmented; the last partial batch dropped unless drop_last=False), val (held out of the
+    train beton) and test loaders.
     num_classes: if given, every label of both betons must be in 0..num_classes-1 (else a DataError)."""
     if kind not in KINDS:
         raise ConfigError(f'loader kind {kind!r}: choose one of {", ".join(KINDS)}.')
@@ -322,16 +331,18 @@ def make_loaders(train_path: str, test_path: str, *, kind: str = 'gpu', batch_si
         train_images, train_labels = _on_device(train_path, train_info.shape, device)
         test_images, test_labels = _on_device(test_path, train_info.shape, device)
         train = GpuTrainLoader(train_images, train_labels, torch.from_numpy(train_idx).to(device),
-                               batch_size=batch_size, seed=seed, crop_padding=crop_padding, flip=flip, dtype=dtype)
+                               batch_size=batch_size, seed=seed, crop_padding=crop_padding, flip=flip, dtype=dtype,
+                               drop_last=drop_last)
         val = GpuEvalLoader(train_images, train_labels, torch.from_numpy(val_idx).to(device),
                             batch_size=eval_batch_size, dtype=dtype) if val_size else None
         test = GpuEvalLoader(test_images, test_labels, torch.arange(test_info.n, device=device),
                              batch_size=eval_batch_size, dtype=dtype)
     else:
         common = dict(seed=seed, device=device, num_workers=num_workers)
-        train = FfcvTrainLoader(_ffcv_loader(train_info, train_idx, train=True, batch_size=batch_size, **common),
+        train = FfcvTrainLoader(_ffcv_loader(train_info, train_idx, train=True, batch_size=batch_size,
+                                             drop_last=drop_last, **common),
                                 batch_size=batch_size, seed=seed, crop_padding=crop_padding, flip=flip,
-                                device=device, dtype=dtype)
+                                device=device, dtype=dtype, drop_last=drop_last)
         val = FfcvEvalLoader(_ffcv_loader(train_info, val_idx, train=False, batch_size=eval_batch_size,
                                           **common), dtype) if val_size else None
         test = FfcvEvalLoader(_ffcv_loader(test_info, None, train=False, batch_size=eval_batch_size, **common),

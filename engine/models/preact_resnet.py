@@ -2,6 +2,13 @@
 preactresnet.py): pre-activation blocks, no BN/ReLU after the stem, a final BN + ReLU before the pool.
 
 The pool is adaptive so 28x28 inputs work (on 32x32 it equals the original avg_pool2d(out, 4)).
+
+Initialisation: PyTorch's defaults, as in the source. github.com/locuslab/robust_overfitting preactresnet.py
+(commit c47a25c, unchanged since 263b826; PreActResNet.__init__ is lines 66-76) has no init code at all, and
+train_cifar.py (lines 208-216) builds PreActResNet18() and trains it as is; SGLS's own copy,
+github.com/devicerxx/SGLS models/pre.py (commit 3e96990), is the same file. So convs and the Linear weight
+are kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in_channels*k*k,
+the Linear bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), BN weight 1 / bias 0.
 """
 import torch.nn as nn
 import torch.nn.functional as F

@@ -2,6 +2,12 @@
 fc200-fc200-fc), with BatchNorm after each conv (faster, steadier training) and an adaptive 4x4 pool
 before the classifier so both 28x28 and 32x32 inputs work. Convs are unpadded as in TRADES: on 28x28
 the feature map is already 4x4 (the pool is then the identity), on 32x32 it is 5x5.
+
+Initialisation: PyTorch's defaults (conv and Linear weights U(-1/sqrt(fan_in), 1/sqrt(fan_in)), Linear bias
+likewise, BN 1 / 0). This is our own CPU test model, not a model of the paper, and the golden runs
+(tests/golden) are recorded with it, so its init stays as it is. Known difference: TRADES' SmallCNN
+(github.com/yaodongyu/TRADES models/small_cnn.py lines 36-45, commit 6e8e11b) uses kaiming_normal_ (fan-in)
+convs with zero bias and a zero-initialised last Linear; that init is not followed here.
 """
 import torch.nn as nn
 

@@ -75,7 +75,8 @@ def open_data(cfg, device, log=print):
                            eval_batch_size=cfg.evaluation.batch_size, device=device, seed=cfg.training.seed,
                            val_size=d.val_size, split_seed=d.split_seed, train_limit=d.train_limit,
                            crop_padding=d.crop_padding if 'crop' in augment else 0, flip='flip' in augment,
-                           num_workers=d.num_workers, dtype=dtype_of(cfg, device), num_classes=num_classes_of(cfg))
+                           num_workers=d.num_workers, dtype=dtype_of(cfg, device), num_classes=num_classes_of(cfg),
+                           drop_last=d.drop_last)
     return loaders, (train_path, test_path)
 
 

@@ -6,9 +6,10 @@ the speed-ups of training.engine=fast.
 import os
 
 from engine import checkpoint, config as config_mod
+from engine.attacks import PRESETS
 from engine.data.datasets import dataset
 from engine.errors import UserError
-from engine.evaluate import evaluate
+from engine.evaluate import evaluate, in_worst
 from engine.train.build import attack_budget, model_of, open_data, resolve_device, synthetic_spec
 from writers.run_files import write_eval, write_final
 from writers.tables import format_table
@@ -25,18 +26,23 @@ def final_settings(cfg, n):
         settings['cw_steps'] = e.cw_steps
     if e.autoattack:
         settings.update(autoattack_version=e.autoattack_version, autoattack_n=min(e.autoattack_n or n, n))
+    if e.presets:  # only then: a run without presets keeps the final.json it always had
+        settings['presets'] = {name: {**PRESETS[name].settings(), 'in_worst': in_worst(PRESETS[name], budget['eps'])}
+                               for name in e.presets}
     return settings
 
 
 def evaluate_final(cfg, model, loader):
-    """One row of the final table: clean, FGSM, PGD-20, CW-inf, AutoAttack and the per-example worst case."""
+    """One row of the final table: clean, FGSM, PGD-20, CW-inf, AutoAttack, one column per evaluation.presets name
+    (each with its own settings; in 'worst' only at the run's eps, see engine.evaluate.in_worst) and the
+    per-example worst case."""
     e, budget = cfg.evaluation, attack_budget(cfg)
     attacks = ['clean'] + ['fgsm'] * e.fgsm + ['pgd'] + ['cw'] * (e.cw_steps > 0)
     same_n = e.autoattack and e.autoattack_n in (0, e.final_n)
     common = dict(eps=budget['eps'], step_size=budget['step_size'], pgd_steps=e.final_pgd_steps,
                   cw_steps=max(e.cw_steps, 1), autoattack_version=e.autoattack_version)
     row = evaluate(model, loader, attacks=tuple(attacks + ['autoattack'] * same_n), max_examples=e.final_n,
-                   **common)
+                   presets=tuple(PRESETS[name] for name in e.presets), preset_seed=cfg.training.seed, **common)
     if e.autoattack and not same_n:  # AutoAttack on its own (smaller) subset; 'worst' then excludes it
         row['autoattack'] = evaluate(model, loader, attacks=('autoattack',), max_examples=e.autoattack_n,
                                      **common)['autoattack']

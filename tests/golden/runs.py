@@ -15,7 +15,8 @@ EPYC (AVX-512) that recorded it, by running the cases with other kernels: with A
 AVX2 path (ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2) the eager and packed cases were bitwise equal (the compiled
 ones could not run so: inductor's cached kernels gave NaN); with MKL's AVX-512 path (MKL_CBWR=AVX512) and with
 one thread all cases were within 3e-11, eager and packed ones bitwise. The record was made by the code before the re-layout (see meta.git_commit); rewrite
-it only for a change that is meant to change results, and say so in the commit.
+it only for a change that is meant to change results, and say so in the commit and in meta.rerecorded (the TRADES
+cases were, on 2026-12-02, for the official TRADES forward order).
 """
 import datetime
 import hashlib
