@@ -51,6 +51,22 @@ def _bn_context(model: nn.Module, bn_mode: str):
     return eval_mode(model) if bn_mode == 'eval' else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def input_gradient_only(model: nn.Module):
+    """The body's backward computes the input gradient only: the model's parameters do not require grad in it.
+    PGD needs d objective / d x_adv alone. Eager autograd prunes the weight gradients by itself, but a compiled
+    backward (AOT autograd) computes every one it was traced for: 20 convolution weight gradients and every
+    BatchNorm weight/bias reduction per PGD step for ResNet-18 (issue 12). Restored however the body ends."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = CW_KAPPA) -> torch.Tensor:
     """Summed CW margin: max_{j != y} z_j - z_y, clamped at kappa (higher = more adversarial)."""
     logits = upcast(logits)
@@ -122,7 +138,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
     if not callable(start):
         _check_choice('start', start, STARTS)
     x = x.detach()
-    with _bn_context(model, bn_mode):
+    with _bn_context(model, bn_mode), input_gradient_only(model):
         if loss == 'kl':
             if p_clean is None:
                 with torch.no_grad():

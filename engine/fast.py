@@ -20,14 +20,14 @@ class FastStep:
     With cuda_graphs the optimizer must come from engine.step.make_sgd(..., graphed=True)."""
 
     def __init__(self, model, device, *, precision='auto', channels_last=True, compile=True, cuda_graphs=False,
-                 log=None):
+                 log=None, backend='inductor'):
         self.device, self.precision = device, resolve_precision(precision, device)
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
         if device.type == 'cuda':  # fixed batch shapes: cuDNN's autotuner measures each convolution once
             torch.backends.cudnn.benchmark = True
-        self.net = torch.compile(model) if compile else model
+        self.net = torch.compile(model, backend=backend) if compile else model  # backend: tests record graphs
         dtype = AUTOCAST.get(self.precision)
         self.graphed = None
         if cuda_graphs and device.type == 'cuda':

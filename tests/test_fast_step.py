@@ -97,3 +97,36 @@ def test_compiled_step_equals_eager_and_compiles_a_fixed_number_of_graphs():
     # attack (eval, input grad), clean accuracy (eval, no grad), loss (train), SGLS clean pass (train, no grad):
     # a handful of graphs for the whole run, not one per step.
     assert 0 < graphs <= 6, dict(counters['stats'])
+
+
+def test_compiled_attack_backward_computes_no_weight_gradients():
+    """Under torch.compile the attack's backward is an AOT-autograd graph of its own, which computes every
+    gradient it was traced for: PGD needs the input gradient only (engine.attacks.input_gradient_only). A
+    recording backend lists each compiled backward's convolution_backward output masks (input, weight, bias):
+    the training backward computes weight gradients, the attack's none."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    backwards = []
+
+    def forward_compiler(gm, _):
+        return make_boxed_func(gm.forward)
+
+    def backward_compiler(gm, _):
+        backwards.append([tuple(node.args[-1]) for node in gm.graph.nodes
+                          if node.target == torch.ops.aten.convolution_backward.default])
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    x, y, idx, labels = batches()
+    model, optimizer, soft = trainee(labels)
+    fast = FastStep(model, torch.device('cpu'), precision='fp32', backend=aot_autograd(
+        fw_compiler=forward_compiler, bw_compiler=backward_compiler))
+    for method in (make_method('at'), make_method('trades')):
+        for i in range(2):
+            fast(optimizer, (x[i], y[i], idx[i]), method=method, attack=ATTACK, soft_labels=soft, epoch=1)
+    assert backwards and all(masks for masks in backwards), backwards  # every backward holds the convolutions
+    with_weights = [masks for masks in backwards if any(mask[1] for mask in masks)]
+    attacks = [masks for masks in backwards if not any(mask[1] for mask in masks)]
+    assert len(with_weights) == 1, backwards  # the training loss's backward (the same graph for AT and TRADES)
+    assert attacks and all(all(mask[0] for mask in masks) for masks in attacks), backwards  # input grads only
+    assert all(p.requires_grad for p in model.parameters())  # restored after each attack
