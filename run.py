@@ -13,7 +13,6 @@ an interrupted one (Ctrl-C) with 130.
 """
 import errno
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,16 +78,9 @@ def os_error_message(e):
     text = OS_ERRORS.get(e.errno)
     if text is None:
         return None
-    where = [_target(os.fsdecode(name)) for name in (e.filename, e.filename2) if name is not None]
+    from writers.atomic import temp_target  # writers.atomic writes .<name>.<host>-<pid>.<random>.tmp first
+    where = [temp_target(os.fsdecode(name)) for name in (e.filename, e.filename2) if name is not None]
     return f"{' -> '.join(dict.fromkeys(where))}: {text}" if where else text
-
-
-def _target(path):
-    """writers.atomic writes <folder>/.<name>.<host>-<pid>.<random>.tmp first: name the file being written."""
-    from writers.atomic import _TEMP_NAME
-    folder, base = os.path.split(path)
-    match = _TEMP_NAME.match(base) or re.fullmatch(r'\.(?P<name>.+)\.[^.]+\.tmp', base)  # new form, or old
-    return os.path.join(folder, match['name']) if match else path
 
 
 def cli(argv):

@@ -135,15 +135,23 @@ def restore(path, parts, device='cpu', optional=(), state=None):
 
 
 def epoch_of(path):
-    """The last finished epoch recorded in the checkpoint at path, 0 when there is none."""
-    return load(path)['progress']['epoch'] if os.path.exists(path) else 0
+    """The last finished epoch recorded in the checkpoint at path, 0 when there is none. Memory-mapped: the
+    tensors are not read, so asking a packed group's K checkpoints for their epoch costs no K full loads."""
+    if not os.path.exists(path):
+        return 0
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        return int(state['progress']['epoch'] if 'progress' in state else state['epoch'])
+    except Exception:  # damaged or not ours: load() raises the UserError that names the file
+        return load(path)['progress']['epoch']
 
 
-def settle_group(run_dirs, log=print):
+def settle_group(run_dirs, log=print, epochs=True):
     """Make the runs of a packed group agree on their last epoch after a kill. A group writes each run's epoch-e
     checkpoint as checkpoints/pending.pt (phase 1), then renames every pending.pt onto last.pt (phase 2). So if
     every run has epoch e in pending.pt or last.pt, phase 1 finished: finish phase 2; otherwise it did not: drop
-    the pending checkpoints (every last.pt still holds epoch e - 1). Returns each run's last epoch."""
+    the pending checkpoints (every last.pt still holds epoch e - 1). Returns each run's last epoch (epochs=False:
+    None, without reading the checkpoints)."""
     pending = {d: os.path.join(d, 'checkpoints', 'pending.pt') for d in run_dirs}
     last = {d: os.path.join(d, 'checkpoints', 'last.pt') for d in run_dirs}
     have = [d for d in run_dirs if os.path.exists(pending[d])]
@@ -159,4 +167,4 @@ def settle_group(run_dirs, log=print):
                 os.remove(pending[d])
             log(f'packed group {", ".join(run_dirs)}: a kill interrupted the checkpoint of epoch {e}; the group '
                 f'resumes from the epoch before, as one')
-    return [epoch_of(last[d]) for d in run_dirs]
+    return [epoch_of(last[d]) for d in run_dirs] if epochs else None

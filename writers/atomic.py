@@ -20,7 +20,7 @@ import tempfile
 
 # The host part is made dot-free (see _host), and mkstemp's random part is [a-z0-9_]: so the last three
 # dot-separated parts before .tmp are always <host>-<pid>, <random>, and a name with dots of its own still parses.
-_TEMP_NAME = re.compile(r'^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>[0-9]+)\.[a-z0-9_]+\.tmp$')
+TEMP_NAME = re.compile(r'^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>[0-9]+)\.[a-z0-9_]+\.tmp$')
 
 
 def _umask():
@@ -54,7 +54,8 @@ def atomic_path(path):
         raise
 
 
-def _alive(pid):
+def process_alive(pid):
+    """Whether process `pid` exists on this host (a PID of another user's process counts)."""
     if pid == os.getpid():
         return True
     try:
@@ -76,8 +77,8 @@ def remove_stale_temps(folder, log=print):
         return []
     host, removed = _host(), []
     for name in names:
-        match = _TEMP_NAME.match(name)
-        if not match or match['host'] != host or _alive(int(match['pid'])):
+        match = TEMP_NAME.match(name)
+        if not match or match['host'] != host or process_alive(int(match['pid'])):
             continue
         path = os.path.join(folder, name)
         try:
@@ -109,3 +110,11 @@ def json_safe(value):
 
 def write_json_atomic(path, obj):
     write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + '\n')
+
+
+def temp_target(path):
+    """The file an atomic_path temp at `path` was to become (for messages), or path itself for any other name."""
+    folder, base = os.path.split(path)
+    match = TEMP_NAME.match(base) or re.fullmatch(r'\.(?P<name>.+)\.[^.]+\.tmp', base)  # this form, or the old
+    return os.path.join(folder, match['name']) if match else path
+

@@ -21,6 +21,7 @@ import time
 import uuid
 
 from engine.errors import UserError
+from writers.atomic import process_alive
 
 LOCK_NAME = 'run.lock'
 HEARTBEAT_S = 30.0
@@ -38,16 +39,6 @@ def _process_start(pid):
             return f.read().rsplit(')', 1)[1].split()[19]
     except (OSError, IndexError):
         return None
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def describe(owner):
@@ -83,7 +74,7 @@ def is_live(owner):
     if owner.get('host') != socket.gethostname() or 'pid' not in owner:
         return age < STALE_S  # another host, or a lock torn while it was being written: trust the heartbeat
     pid = int(owner['pid'])
-    if not _alive(pid):
+    if not process_alive(pid):
         return False
     start = _process_start(pid)
     return start is None or owner.get('process_start') in (None, start)

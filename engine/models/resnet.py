@@ -3,27 +3,17 @@
 3x3 stem (stride 1, no max-pool) so 32x32 inputs keep their resolution; the final pool is adaptive so
 28x28 Fashion-MNIST works too (on 32x32 it equals the original avg_pool2d(out, 4)).
 
-Initialisation follows github.com/devicerxx/SGLS models/resnet.py, lines 73-79 (commit 3e96990, unchanged
-since 30f9605), at the end of ResNet.__init__:
-
-    for m in self.modules():
-        if isinstance(m, nn.Conv2d):
-            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            m.weight.data.normal_(0, math.sqrt(2. / n))
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.data.fill_(1)
-            m.bias.data.zero_()
-
-i.e. every conv (stem, blocks, 1x1 shortcuts) He-normal with fan-out, N(0, sqrt(2 / (k*k*out_channels))),
+Initialisation as github.com/devicerxx/SGLS models/resnet.py lines 73-79 (commit 3e96990, unchanged since
+30f9605), at the end of ResNet.__init__: every conv (stem, blocks, 1x1 shortcuts) He-normal with fan-out,
 BN weight 1 / bias 0, and the Linear classifier left at PyTorch's default (weight and bias both
-U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the official loop has no Linear branch). The modules are built and
-registered in the official order, so the random stream is consumed as there: PyTorch's default draws at
-construction, then the conv re-draws in modules() order.
+U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the official loop has no Linear branch); engine.models.init. The modules are
+built and registered in the official order, so the random stream is consumed as there: PyTorch's default draws
+at construction, then the conv re-draws in modules() order.
 """
-import math
-
 import torch.nn as nn
 import torch.nn.functional as F
+
+from engine.models.init import he_fan_out_init
 
 
 class BasicBlock(nn.Module):
@@ -66,14 +56,7 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(in_planes, num_classes)
-        # SGLS models/resnet.py lines 73-79 (see the module docstring); the Linear keeps PyTorch's default.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
+        he_fan_out_init(self)  # SGLS models/resnet.py lines 73-79 (see the module docstring)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

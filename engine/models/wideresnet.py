@@ -4,29 +4,17 @@ Deviation from TRADES: its module also builds a `sub_block1` that forward() neve
 (it only adds ~2.3M dead parameters, and unused parameters break DDP and inflate the count). SGLS's copy,
 github.com/devicerxx/SGLS models/wideresnet.py (commit 3e96990), leaves it out too, so this is its layout.
 
-Initialisation follows github.com/yaodongyu/TRADES models/wideresnet.py lines 74-82 (commit 6e8e11b; the
-file last changed in 9ee26f4), the same code as SGLS models/wideresnet.py lines 72-80:
-
-    for m in self.modules():
-        if isinstance(m, nn.Conv2d):
-            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-            m.weight.data.normal_(0, math.sqrt(2. / n))
-        elif isinstance(m, nn.BatchNorm2d):
-            m.weight.data.fill_(1)
-            m.bias.data.zero_()
-        elif isinstance(m, nn.Linear):
-            m.bias.data.zero_()
-
-i.e. convs He-normal with fan-out N(0, sqrt(2 / (k*k*out_channels))), BN weight 1 / bias 0, Linear bias 0
-and Linear weight at PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). (Rice et al.'s wideresnet.py,
-lines 67-74, does the same with nn.init.kaiming_normal_(mode='fan_out', nonlinearity='relu').)
+Initialisation as github.com/yaodongyu/TRADES models/wideresnet.py lines 74-82 (commit 6e8e11b; the file last
+changed in 9ee26f4), the same code as SGLS models/wideresnet.py lines 72-80: convs He-normal with fan-out,
+BN weight 1 / bias 0, Linear bias 0 and Linear weight at PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in));
+engine.models.init. (Rice et al.'s wideresnet.py, lines 67-74, does the same with kaiming_normal_ fan-out.)
 
 The pool is adaptive so 28x28 inputs work (on 32x32 it equals the original avg_pool2d(out, 8)).
 """
-import math
-
 import torch.nn as nn
 import torch.nn.functional as F
+
+from engine.models.init import he_fan_out_init
 
 
 class WideBasicBlock(nn.Module):
@@ -68,17 +56,7 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels[3], num_classes)
-        # TRADES / SGLS models/wideresnet.py (see the module docstring): He-normal convs (fan-out), BN (1, 0),
-        # zero linear bias, Linear weight at PyTorch's default.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        he_fan_out_init(self, zero_linear_bias=True)  # TRADES / SGLS models/wideresnet.py (module docstring)
 
     def forward(self, x):
         out = self.conv1(x)

@@ -237,7 +237,7 @@ def train(cfg, log=print):
     """Train one run to the end (or to training.stop_after epochs), owning its folder; returns the folder."""
     device = resolve_device(cfg.training.device)
     with RunLock(run_dir_of(cfg), log):
-        checkpoint.settle_group([run_dir_of(cfg)], log)  # a run trained packed before, now alone
+        checkpoint.settle_group([run_dir_of(cfg)], log, epochs=False)  # a run trained packed before, now alone
         return _train_alone(cfg, device, log)
 
 
@@ -264,7 +264,8 @@ def train_group(cfgs, log=print, sweep=False):
                 log(f'skipping {run_dir_of(c)}: {done[0]} written meanwhile (another process)')
                 continue
             claimed.append(c)
-        epochs = checkpoint.settle_group([run_dir_of(c) for c in claimed], log)
+        # the epochs decide what trains together: not needed for one run
+        epochs = checkpoint.settle_group([run_dir_of(c) for c in claimed], log, epochs=len(claimed) > 1) or [0]
         by_epoch = {}
         for c, epoch in zip(claimed, epochs):
             by_epoch.setdefault(epoch, []).append(c)
