@@ -6,6 +6,10 @@
     python run.py sweep    [-C config.yaml ...] --methods at,sgls --seeds 0-4 [--grid key=v1,v2] [--pack K] [--compare]
     python run.py compare  RUN_DIRS... [--out DIR] [--baseline METHOD]   many-seed statistics, report and plots
 
+Under torchrun (`torchrun --nproc_per_node=N [--nnodes=M --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT] run.py
+...`, README "Many GPUs and nodes"), `sweep` spreads its runs over the ranks and `train` trains one run data-parallel,
+training.batch_size being the global batch (each rank takes batch_size / N).
+
 `python run.py train --help` lists every config key. Errors in the input (config, data, checkpoints) print one
 message naming the file and field, and exit with code 2; so does a full disk, a read-only file system or a denied
 permission (naming the folder or file). A run that failed (its loss or weights stopped being finite) exits with 3,
@@ -35,6 +39,9 @@ def main(argv):
         return 0 if argv else 2
     command, args = argv[0], argv[1:]
     from engine import config
+    from engine.distributed import launched
+    if launched() and command not in ('train', 'sweep'):
+        raise UserError(f'run.py {command} runs in one process; under torchrun only train and sweep share the work')
     if command in ('convert', 'train', 'eval', 'sweep') and ('-h' in args or '--help' in args):
         print(USAGE + config.help_text())
         return 0
@@ -46,9 +53,14 @@ def main(argv):
         print(f'{train_path}\n{test_path}')
     elif command == 'train':
         files, rest = config.take_options(args, '-C', '--config-file')
+        if any(a.split('=', 1)[0] == '--pack' for a in rest):
+            raise UserError('--pack is an option of run.py sweep (K seeds packed as one model, within each rank under '
+                            'torchrun); run.py train trains one run, data-parallel under torchrun')
         cfg = config.load(files, rest)
-        from engine.train.loop import train
-        train(cfg)
+        from engine.distributed import data_parallel
+        with data_parallel(cfg) as parallel:  # None without torchrun; the ranks' checks before the heavy imports
+            from engine.train.loop import train
+            train(cfg, log=print if parallel is None or parallel.writes else lambda *_: None, parallel=parallel)
     elif command == 'eval':
         from engine.train.final import eval_checkpoint
         path, rest = take_option(args, '--checkpoint')

@@ -13,7 +13,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+from bench.machine import cpu_model  # noqa: E402, F401 (bench/train_step.py and packing.py import it from here)
 from engine.data.convert import convert  # noqa: E402
 from engine.data.loaders import make_loaders, read_beton  # noqa: E402
 from engine.data.sources import SyntheticSpec  # noqa: E402
@@ -80,12 +80,6 @@ def timed_epochs(loader, epochs, device):
         if epoch:
             seconds.append(time.perf_counter() - start)
     return seconds
-
-
-def cpu_model():
-    with open('/proc/cpuinfo') as f:
-        names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    return f'{names[0]} ({os.cpu_count()} cores visible)' if names else platform.processor()
 
 
 def main(argv=None):

@@ -11,7 +11,16 @@ For every arch x batch x method, in one process on one device, on the same synth
   +bf16           engine.fast.FastStep, bf16 autocast (CUDA only: see BF16_CPU_NOTE)
   +channels_last  ... and channels-last tensors
   +compile        ... and torch.compile of the model
-  +cuda_graphs    ... and the whole step captured as CUDA graphs (engine.cuda_graphs; CUDA only)
+  +cuda_graphs (attack weight grads)
+                  ... and the whole step captured as CUDA graphs (engine.cuda_graphs; CUDA only), with the attack
+                  as before issue 12 item 1: parameters requiring grad, so the compiled attack backward computes
+                  every weight gradient (bench.flops.attack_weight_grads patches engine.attacks for this row only)
+  +cuda_graphs    the same with the attack as it is (input gradient only, engine.attacks.input_gradient_only)
+  +fold_bn        ... and FastStep(fold_bn=True): eval-mode BN folded into its conv for the attack and clean forwards
+  +fused_attack   ... and FastStep(fused_attack=True): attack objective (model + loss) and PGD update compiled
+  -clean_acc      ... and step(..., clean_acc=False): no per-step clean-accuracy forward
+A row whose option this commit's FastStep lacks is n/a. MFU is credited work (23F / 24F for PGD-10 AT / SGLS),
+"MFU executed" the work the row's step runs (bench/flops.py: EXECUTED_FORMULA, checked in tests/test_bench.py).
 Each row runs --warmup untimed steps (their time, compilation included, is reported as warm-up seconds), then
 --steps timed steps measured with time.perf_counter, with torch.cuda.synchronize before each clock read on CUDA.
 SGLS runs with its soft labels active (start epoch passed), its more expensive phase. The data set is sized so
@@ -39,10 +48,12 @@ if __name__ == '__main__':
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+from bench.flops import (EXECUTED_FORMULA, FLOP_FORMULA, attack_weight_grads,  # noqa: E402, F401 (forward_flop: tests)
+                         executed_flop_per_image, fast_step_options, forward_and_first_layer_flop, forward_flop,
+                         model_flop_per_image)
 from bench.loaders import InMemoryPIL, cpu_model  # noqa: E402
 from engine.data.convert import convert  # noqa: E402
 from engine.data.loaders import make_loaders, read_beton  # noqa: E402
@@ -61,43 +72,44 @@ PROFILES = {  # what each unset option means; --tiny picks the second
     'tiny': dict(device='cpu', archs='small_cnn', batches='32', methods='at,sgls', steps=3, warmup=1, pgd_steps=2,
                  width=8, image_size=16, workers=2),
 }
-# name, precision, channels_last, compile, cuda_graphs: each row adds one speed-up to the row above it.
-CONFIGS = (
-    ('engine-eager', 'fp32', False, False, False),
-    ('+bf16', 'bf16', False, False, False),
-    ('+channels_last', 'bf16', True, False, False),
-    ('+compile', 'bf16', True, True, False),
-    ('+cuda_graphs', 'bf16', True, True, True),
+# Each row changes the options of the row above it (FastStep keywords, plus attack_weight_grads and clean_acc).
+LADDER = (
+    ('engine-eager', {}),
+    ('+bf16', dict(precision='bf16')),
+    ('+channels_last', dict(channels_last=True)),
+    ('+compile', dict(compile=True)),
+    ('+cuda_graphs (attack weight grads)', dict(cuda_graphs=True, attack_weight_grads=True)),
+    ('+cuda_graphs', dict(attack_weight_grads=False)),
+    ('+fold_bn', dict(fold_bn=True)),
+    ('+fused_attack', dict(fused_attack=True)),
+    ('-clean_acc', dict(clean_acc=False)),
 )
+BASE = dict(precision='fp32', channels_last=False, compile=False, cuda_graphs=False, attack_weight_grads=False,
+            fold_bn=False, fused_attack=False, clean_acc=True)
+
+
+def cumulative(ladder, options):
+    """((name, the row's options: the row above's with its change applied), ...)"""
+    rows = []
+    for name, change in ladder:
+        options = {**options, **change}
+        rows.append((name, options))
+    return tuple(rows)
+
+
+CONFIGS = cumulative(LADDER, BASE)
+NEW_OPTIONS = ('fold_bn', 'fused_attack')  # FastStep keywords of issue 12 (n/a where this commit lacks them)
 BF16_CPU_NOTE = ('not measured on CPU, so the later CPU rows stay fp32: without bf16 matrix units bf16 autocast times '
                  'an emulation (ResNet-18, batch 32, forward + backward: 27.3 s in bf16 vs 1.6 s in fp32 on the '
                  'AVX2-only AMD EPYC of bench/RESULTS.md)')
 CUDA_GRAPHS_CPU_NOTE = 'CUDA graphs exist on CUDA only'
 # Dense bf16 tensor-core peaks from the datasheets (TFLOP/s); the first name contained in the device name wins.
 PEAK_BF16_TFLOPS = (('H100 PCIe', 756.0), ('H100 NVL', 835.0), ('H100', 989.0), ('H200', 989.0), ('A100', 312.0))
-FLOP_FORMULA = ('model FLOP per training image = F x (2K + 3) for AT, F x (2K + 4) for SGLS, where F = forward '
-                'FLOP of one image (torch.utils.flop_counter.FlopCounterMode, batch 1, 2 FLOP per multiply-add) '
-                'and K = PGD steps: each attack step is a forward and an input-gradient backward (~2F, no weight '
-                'gradients), the update a forward and a full backward (~3F), and SGLS adds one clean forward (F). '
-                "Not counted: the engine's no-grad clean-accuracy forward (F; the reference has none), so every "
-                'row of a method is credited with the same useful work.')
-
-
-def model_flop_per_image(forward_flop, method, pgd_steps):
-    return forward_flop * (2 * pgd_steps + 3 + (method == 'sgls'))
 
 
 def bench_method(name):
     """The method `name` as every row runs it: SGLS with its soft labels on from epoch 1 (the rows run epoch 1)."""
     return make_method(name, **({'sgls_start_epoch': 1} if 'sgls_start_epoch' in METHODS[name].params else {}))
-
-
-def forward_flop(arch, width, image_size):
-    """F: FLOP of one forward pass of one image (convolutions and matmuls; BN, ReLU and pooling are noise)."""
-    model = build_model(arch, CLASSES, width=width).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
-    return counter.get_total_flops()
 
 
 def peak_tflops(device, override):
@@ -218,20 +230,22 @@ def epochs(loader):
 
 
 def run_engine(a, arch, batch, method, config, betons, labels, device):
-    """The epoch loop's body (engine/train/loop.py, SingleStepper) for one config; returns (measure(...), mean
-    training loss)."""
-    name, precision, channels_last, compile, cuda_graphs = config
+    """The epoch loop's body (engine/train/loop.py, SingleStepper) for one config, given as (name, options);
+    returns (measure(...), mean training loss)."""
+    name, o = config
     loader = make_loaders(*betons, kind='gpu', batch_size=batch, val_size=0, device=device).train
-    model, optimizer = fresh_model(arch, a.width, device, graphed=cuda_graphs and device.type == 'cuda')
+    model, optimizer = fresh_model(arch, a.width, device, graphed=o['cuda_graphs'] and device.type == 'cuda')
     if name == 'engine-eager':
         step = lambda opt, batch_, **kw: train_step(model, opt, batch_, **kw)  # noqa: E731, as SingleStepper
     else:
-        step = FastStep(model, device, precision=precision, channels_last=channels_last, compile=compile,
-                        cuda_graphs=cuda_graphs)
+        step = FastStep(model, device, precision=o['precision'], channels_last=o['channels_last'],
+                        compile=o['compile'], cuda_graphs=o['cuda_graphs'],
+                        **{key: True for key in NEW_OPTIONS if o[key]})  # only those set: older FastSteps run too
     trained = bench_method(method)
     soft_labels = SoftLabels(torch.from_numpy(labels).to(device), CLASSES) if trained.soft_labels else None
     attack = dict(eps=EPS, step_size=STEP_SIZE, steps=a.pgd_steps, bn_mode='eval')  # as build.attack_budget
-    common = dict(method=trained, attack=attack, soft_labels=soft_labels, epoch=1)
+    common = dict(method=trained, attack=attack, soft_labels=soft_labels, epoch=1,
+                  **({} if o['clean_acc'] else {'clean_acc': False}))
     # The steps' statistics summed on the device and read once at the end, as the loop's EpochMeter.
     total, images = torch.zeros(1, 4, dtype=torch.float64, device=device), 0
 
@@ -240,20 +254,26 @@ def run_engine(a, arch, batch, method, config, betons, labels, device):
         total += step(optimizer, (x, y, idx), **common)  # a graphed step's statistics are refilled by each replay
         images += y.shape[0]
 
-    timing = measure(one_step, epochs(loader), a.warmup, a.steps, device)
+    with attack_weight_grads(o['attack_weight_grads']):  # warm-up included: it compiles and captures the graphs
+        timing = measure(one_step, epochs(loader), a.warmup, a.steps, device)
     return timing, total[0, 0].item() / images  # column 0: loss x n (engine.step.STATS)
 
 
 def plan(device):
-    """(name, config or None, why not measured) per row, reference first."""
-    rows = [('reference', None, '')]
-    for name, precision, *rest in CONFIGS:
+    """(name, (name, options) or None, why not measured) per row, reference first. On CPU the rows after +bf16 stay
+    fp32 and those after +cuda_graphs run without graphs."""
+    rows, options = [('reference', None, '')], fast_step_options()
+    for name, o in CONFIGS:
+        missing = [key for key in NEW_OPTIONS if o[key] and key not in options]
         if device.type == 'cpu' and name == '+bf16':
             rows.append((name, None, BF16_CPU_NOTE))
-        elif device.type == 'cpu' and name == '+cuda_graphs':
+        elif device.type == 'cpu' and name.startswith('+cuda_graphs'):
             rows.append((name, None, CUDA_GRAPHS_CPU_NOTE))
+        elif missing:
+            rows.append((name, None, f"engine.fast.FastStep has no {', '.join(missing)} option at this commit"))
         else:
-            rows.append((name, (name, 'fp32' if device.type == 'cpu' else precision, *rest), ''))
+            cpu = dict(precision='fp32', cuda_graphs=False) if device.type == 'cpu' else {}
+            rows.append((name, (name, {**o, **cpu}), ''))
     return rows
 
 
@@ -282,21 +302,23 @@ def markdown(meta, rows):
     lines = [f"Device: {meta['device_name']}; torch {meta['torch']}; {meta['date']}; PGD-{args['pgd_steps']}; "
              f"steps per row: {args['warmup']} warm-up + {args['steps']} timed.", '',
              '| arch | batch | method | config | precision | images/s | ms/step | warm-up s | GFLOP/image | TFLOP/s '
-             f"| MFU | {meta['memory_kind']} MiB | x reference |",
-             '|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+             f"| MFU | executed GFLOP/image | MFU executed | {meta['memory_kind']} MiB | x reference |",
+             '|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
     for r in rows:
         status = {'ok': '', 'n/a': ' (n/a)', 'error': ' (error)'}[r['status']]
-        mfu = None if r['mfu'] is None else 100 * r['mfu']
+        mfu, mfu_x = (None if r[key] is None else 100 * r[key] for key in ('mfu', 'mfu_executed'))
         lines.append(
             f"| {r['arch']} | {r['batch']} | {r['method']} | {r['config']}{status} | {r['precision'] or '-'} | "
             f"{fmt(r['images_per_s'], ',.0f')} | {fmt(r['ms_per_step'], '.1f')} | {fmt(r['warmup_s'], '.1f')} | "
             f"{r['gflop_per_image']:.4g} | {fmt(r['tflops'], '.3g')} | {fmt(mfu, '.1f')}{'%' * (mfu is not None)} | "
+            f"{r['executed_gflop_per_image']:.4g} | {fmt(mfu_x, '.1f')}{'%' * (mfu_x is not None)} | "
             f"{fmt(r['peak_mem_mib'], ',.0f')} | {fmt(r['ratio_to_reference'], '.2f')} |")
     notes = {r['config']: r['note'] for r in rows if r['status'] == 'n/a'}  # one reason per config
     notes.update({f"{r['arch']} {r['batch']} {r['method']} {r['config']}": r['note'] for r in rows
                   if r['status'] == 'error'})
     lines += [''] + [f'- {name}: {note}' for name, note in notes.items()]
-    lines += [f"- FLOP: {meta['flop_formula']}", "- Forward GMACs per image: "
+    lines += [f"- FLOP (MFU): {meta['flop_formula']}", f"- Executed FLOP (MFU executed): {meta['executed_formula']}",
+              "- Forward GMACs per image: "
               + ', '.join(f'{k} {v / 2e9:.4g}' for k, v in meta['forward_flop'].items()),
               f"- MFU peak: {meta['peak_tflops'] or 'n/a'} TFLOP/s ({meta['peak_source']})",
               f"- Memory: {meta['memory_note']}"]
@@ -327,6 +349,9 @@ def parse_args(argv):
             setattr(a, key, value)
     a.archs, a.methods = a.archs.split(','), a.methods.split(',')
     a.batches = [int(b) for b in a.batches.split(',')]
+    unknown = set(a.configs.split(',') if a.configs else ()) - {'reference', *dict(CONFIGS)}
+    if unknown:
+        parser.error(f"--configs {', '.join(sorted(unknown))}: unknown; rows: reference, {', '.join(dict(CONFIGS))}")
     if set(a.methods) - {'at', 'sgls'}:
         parser.error(f'--methods {",".join(a.methods)}: choose among at, sgls')
     if a.device == 'cuda' and not torch.cuda.is_available():
@@ -357,14 +382,17 @@ def main(argv=None):
     betons = convert('synthetic', a.data_dir, synthetic=spec, log=lambda message: None)
     images, labels = read_beton(betons[0])
     peak, peak_source = peak_tflops(device, a.peak_tflops)
-    flop = {arch: forward_flop(arch, a.width, a.image_size) for arch in a.archs}
+    flop, first_layer = {}, {}
+    for arch in a.archs:
+        flop[arch], first_layer[arch] = forward_and_first_layer_flop(arch, a.width, a.image_size)
     meta = {'date': time.strftime('%Y-%m-%d'), 'device': a.device,
             'device_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_model(),
             'torch': torch.__version__, 'python': sys.version.split()[0],
             'command': ' '.join([os.path.basename(sys.executable)] + (sys.argv if argv is None else
                                                                          ['bench/train_step.py', *argv])),
             'args': vars(a), 'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY'), 'forward_flop': flop,
-            'flop_formula': FLOP_FORMULA, 'peak_tflops': peak, 'peak_source': peak_source,
+            'first_layer_flop': first_layer, 'flop_formula': FLOP_FORMULA, 'executed_formula': EXECUTED_FORMULA,
+            'peak_tflops': peak, 'peak_source': peak_source,
             'memory_kind': 'peak CUDA allocated' if device.type == 'cuda' else 'max RSS',
             'memory_note': ('torch.cuda.max_memory_allocated over the timed steps' if device.type == 'cuda' else
                             "the process's max RSS so far (getrusage): monotone over the run, not per row; the "
@@ -375,10 +403,15 @@ def main(argv=None):
         for name, config, note in plan(device):
             if a.configs and name not in a.configs.split(','):
                 continue
+            o = dict(CONFIGS)[name] if name != 'reference' else dict(BASE, clean_acc=False)  # the official loop
+            executed = executed_flop_per_image(flop[arch], first_layer[arch], method, a.pgd_steps,
+                                               attack_weight_grads=o['attack_weight_grads'] and o['compile'],
+                                               clean_acc=o['clean_acc']) / 1e9
             row = dict(arch=arch, batch=batch, method=method, config=name, status='n/a', note=note,
-                       precision=config[1] if config else ('fp32' if name == 'reference' else None),
+                       precision=config[1]['precision'] if config else ('fp32' if name == 'reference' else None),
                        images_per_s=None, ms_per_step=None, warmup_s=None, loss=None, gflop_per_image=gflop,
-                       tflops=None, mfu=None, peak_mem_mib=None)
+                       executed_gflop_per_image=executed, tflops=None, mfu=None, mfu_executed=None,
+                       peak_mem_mib=None)
             if name == 'reference' or config:
                 print(f'{arch} batch {batch} {method} {name} ...', file=sys.stderr, flush=True)
                 try:
@@ -394,7 +427,8 @@ def main(argv=None):
                     images_per_s = batch * a.steps / seconds
                     row.update(status='ok', images_per_s=images_per_s, ms_per_step=1000 * seconds / a.steps,
                                warmup_s=warm, loss=loss, tflops=images_per_s * gflop / 1000,
-                               mfu=images_per_s * gflop / 1000 / peak if peak else None, peak_mem_mib=memory)
+                               mfu=images_per_s * gflop / 1000 / peak if peak else None, peak_mem_mib=memory,
+                               mfu_executed=images_per_s * executed / 1000 / peak if peak else None)
                 finally:
                     release(device)
             rows.append(row)

@@ -116,10 +116,23 @@ def random_start(x: torch.Tensor, eps: float, start: str, *, clamp: bool = True,
     return x.clone()
 
 
+def attack_objective(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss: str,
+                     p_clean: torch.Tensor | None, loss_scale: float) -> torch.Tensor:
+    """What one PGD step ascends: the attack loss of the model's logits at x_adv, times loss_scale."""
+    return _attack_loss(model(x_adv), y, loss, p_clean) * loss_scale
+
+
+def pgd_update(x_adv: torch.Tensor, grad: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+               step_size: float) -> torch.Tensor:
+    """One PGD step from x_adv: along sign(grad), projected onto [lower, upper] (the eps-ball), clipped to [0, 1]."""
+    return torch.min(torch.max(x_adv + step_size * grad.sign(), lower), upper).clamp(0, 1)
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
         loss: str = 'ce', start: str | Callable = 'uniform', bn_mode: str = 'eval',
         p_clean: torch.Tensor | None = None, loss_scale: float = 1.0, clamp_start: bool = True,
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, objective: Callable = attack_objective,
+        update: Callable = pgd_update) -> torch.Tensor:
     """L-inf PGD. Each step: x_adv = clamp(min(max(x_adv + step_size * sign(grad), x - eps), x + eps), 0, 1).
 
     loss: 'ce' (cross entropy vs y), 'kl' (TRADES: sum KL(p_clean || softmax(f(x_adv))); p_clean defaults
@@ -132,7 +145,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
     bn_mode: 'eval' runs the attack in eval mode and restores the previous modes; 'train' leaves them.
     loss_scale multiplies the objective before the gradient (fp16: keeps input gradients from underflowing;
     the step uses only their sign). Gradients are taken w.r.t. the input only (parameters' .grad stay
-    untouched). Returns a detached tensor of x's dtype, shape and memory format.
+    untouched). objective and update: attack_objective and pgd_update, or compiled versions of them (the fast
+    engine's training.fused_attack: the model and the loss as one graph, the update as one kernel). Returns a
+    detached tensor of x's dtype, shape and memory format.
     """
     _check_choice('loss', loss, LOSSES)
     if not callable(start):
@@ -151,10 +166,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
             x_adv.requires_grad_(True)
             # enable_grad: the attack must work inside a caller's torch.no_grad() (e.g. evaluation).
             with torch.enable_grad():
-                objective = _attack_loss(model(x_adv), y, loss, p_clean) * loss_scale
-            (grad,) = torch.autograd.grad(objective, x_adv)
-            x_adv = x_adv.detach() + step_size * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, lower), upper).clamp(0, 1)
+                value = objective(model, x_adv, y, loss, p_clean, loss_scale)
+            (grad,) = torch.autograd.grad(value, x_adv)
+            x_adv = update(x_adv.detach(), grad, lower, upper, step_size)
     return x_adv.detach()
 
 

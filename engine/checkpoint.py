@@ -34,16 +34,18 @@ class RandomState:
 
 
 class Progress:
-    """How far a run got: the last finished epoch and the best-so-far record (its selector value and epoch)."""
+    """How far a run got: the last finished epoch and the best-so-far records (selector value and epoch) of the
+    model and of its weight EMA (training.weight_ema; a checkpoint from before it has none)."""
 
     def __init__(self):
-        self.epoch, self.best = 0, {'val_pgd_acc': -1.0, 'epoch': 0}
+        self.epoch, self.best, self.best_ema = 0, {'val_pgd_acc': -1.0, 'epoch': 0}, {'val_pgd_acc': -1.0, 'epoch': 0}
 
     def state_dict(self):
-        return {'epoch': self.epoch, 'best': dict(self.best)}
+        return {'epoch': self.epoch, 'best': dict(self.best), 'best_ema': dict(self.best_ema)}
 
     def load_state_dict(self, state):
         self.epoch, self.best = int(state['epoch']), dict(state['best'])
+        self.best_ema = dict(state.get('best_ema', {'val_pgd_acc': -1.0, 'epoch': 0}))
 
 
 class DataIdentity:

@@ -90,7 +90,8 @@ def declare(config):
     )
     section('training', 'Run').params(
         epochs=P(int, 200, 'epochs', low=1),
-        batch_size=P(int, 128, 'batch size (fixed: the last partial batch is dropped)', low=1),
+        batch_size=P(int, 128, 'batch size (fixed: the last partial batch is dropped); the global batch under '
+                     'torchrun: each of N ranks takes batch_size / N', low=1),
         seed=P(int, 0, 'seed of initialization, data order, augmentation and attack noise'),
         device=Param(Rule(lambda v: re.fullmatch(r'auto|cpu|cuda(:[0-9]+)?', v) is not None,
                           'auto, cpu, cuda or cuda:N (N an int)'), 'auto | cpu | cuda | cuda:N', default='auto'),
@@ -106,6 +107,20 @@ def declare(config):
         compile=P(bool, True, 'fast engine: torch.compile the model'),
         cuda_graphs=P(bool, True, 'fast engine on a GPU: capture the whole step as CUDA graphs and replay them '
                       '(bf16 or fp32; ignored on CPU)'),
+        fold_bn=P(bool, False, 'fast engine: the attack, clean-accuracy and evaluation forwards fold each eval-mode '
+                  'BatchNorm into the conv before it (exact; engine/fold_bn.py); never the training forward'),
+        fused_attack=P(bool, False, 'fast engine with compile: the attack objective (model and loss) compiled as one '
+                       'graph, its update and projection as one kernel'),
+        clean_acc=P(bool, True, 'measure train clean accuracy each step (one no-grad eval-mode forward, about 4% of '
+                    'a PGD-10 step); false: train_clean_acc is not recorded'),
+        weight_ema=P(bool, False, 'also keep an exponential moving average of the weights (any method; '
+                     'engine/weight_ema.py): evaluated each epoch, its own best checkpoint and final-table rows'),
+        weight_ema_decay=P(float, 0.995, 'weight EMA: ema = decay * ema + (1 - decay) * weights after every step',
+                           low=0.0, high=0.9999999),
+    )
+    section('distributed', 'Data-parallel runs: run.py train under torchrun (engine/data_parallel.py)').params(
+        sync_bn=P(bool, False, 'BatchNorm statistics of the global batch (all ranks) instead of each rank\'s slice; '
+                  'what one process computes, at two all-reduces per BatchNorm forward'),
     )
     section('evaluation', 'Evaluation during and after training').params(
         every=P(int, 1, 'evaluate test and validation every N epochs (and always at the last)', low=1),

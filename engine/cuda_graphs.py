@@ -11,7 +11,8 @@ launch queue. Replayed as a graph, a step is one launch. What capture needs, and
   side stream as PyTorch's CUDA-graph notes ask;
 - values that change between steps are tensors the graph reads: the learning rate (step.make_sgd with
   graphed=True, filled by step.set_lr), the soft-label table, the random stream (PyTorch's graph-safe Philox
-  generator moves its offset on every replay, so each replay draws fresh attack noise);
+  generator moves its offset on every replay, so each replay draws fresh attack noise; packed seeds draw from
+  their own generators, registered with every graph so that their offsets move too);
 - capture records kernels without running them, so the call that captures then replays: every call of the
   step trains on its batch exactly once, warm-up calls included.
 Everything the step changes (weights, momentum, BatchNorm statistics, soft labels) is changed in place; state
@@ -27,8 +28,8 @@ WARMUP_STEPS = 3
 class GraphedStep:
     """step(optimizer, batch, *, method, epoch, **kw) -> statistics, replayed as CUDA graphs; same signature."""
 
-    def __init__(self, step, warmup=WARMUP_STEPS, log=None):
-        self.step, self.warmup, self.log = step, warmup, log
+    def __init__(self, step, warmup=WARMUP_STEPS, log=None, generators=()):
+        self.step, self.warmup, self.log, self.generators = step, warmup, log, tuple(generators)
         self.graphs = {}      # key -> (graph, static batch, static statistics)
         self.plain_steps = {}  # key -> warm-up steps run so far
         self.pool = None
@@ -59,6 +60,8 @@ class GraphedStep:
         static = tuple(t.clone() for t in batch)
         optimizer.zero_grad(set_to_none=True)  # gradients are then allocated from the graph's pool
         graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:  # besides the default generator, which every graph registers
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph, pool=self.pool):
             stats = self.step(optimizer, static, **kw)
         self.pool = graph.pool()

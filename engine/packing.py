@@ -201,24 +201,29 @@ def _default_generator(device):
     return torch.default_generator
 
 
-def rng_state(device):
-    """The state of the default generator that draws random tensors on `device` (the stream train_step's attack
-    draws from). Take it per seed after that seed's torch.manual_seed and model construction."""
-    return _default_generator(torch.device(device)).get_state()
+def seed_generator(device):
+    """A generator on `device` holding the state of the default generator there (the stream train_step's attack
+    draws from alone). Take it per seed after that seed's torch.manual_seed and model construction: it is then
+    that seed's stream, drawn from by its PGD starts (PackedSeeds) and swapped in for the rest (seed_stream)."""
+    device = torch.device(device)
+    generator = torch.Generator(device)
+    generator.set_state(_default_generator(device).get_state())
+    return generator
 
 
 @contextlib.contextmanager
-def seed_stream(rng_states, k, device):
-    """Draw from seed k's stream in the body: its state goes into the default generator, and afterwards the
-    advanced state back into rng_states[k]; the outer stream is left as it was."""
-    generator = _default_generator(device)
-    outer = generator.get_state()
-    generator.set_state(rng_states[k])
+def seed_stream(generators, k, device):
+    """Draw from seed k's stream in the body (its evaluation noise, its checkpoint's RNG state): its state goes
+    into the default generator, and afterwards the advanced state back into generators[k]; the outer stream is
+    left as it was."""
+    default = _default_generator(torch.device(device))
+    outer = default.get_state()
+    default.set_state(generators[k].get_state())
     try:
         yield
     finally:
-        rng_states[k] = generator.get_state()
-        generator.set_state(outer)
+        generators[k].set_state(default.get_state())
+        default.set_state(outer)
 
 
 class _LockstepForwards:
@@ -259,11 +264,13 @@ class PackedSeeds:
     """engine.step.train_step's view of K packed seeds (its `seeds` argument). The batch is seed-major: x
     [K, B, C, H, W], y and idx [K, B], soft labels a list of K tables (or None); the network takes x packed,
     [B, K*C, H, W], and gives logits [B, K, classes], so labels are arranged [B, K]. Seed k's PGD start is drawn
-    from rng_states[k] (see rng_state; advanced in place). The optimizer is one SGD over packed.parameters():
-    SGD's update is elementwise, so it is K independent ones with the same hyperparameters."""
+    from generators[k] (see seed_generator): an explicit generator, not a swap of the default generator's state,
+    so a CUDA graph can capture the draws (engine.cuda_graphs registers the generators). The optimizer is one SGD
+    over packed.parameters(): SGD's update is elementwise, so it is K independent ones with the same
+    hyperparameters."""
 
-    def __init__(self, num_seeds, rng_states):
-        self.k, self.rng_states = num_seeds, rng_states
+    def __init__(self, num_seeds, generators):
+        self.k, self.generators = num_seeds, generators
 
     def inputs(self, xs):
         return pack_inputs(xs)
@@ -275,9 +282,8 @@ class PackedSeeds:
         def each_seeds_own(x, eps):
             starts = []
             for k, x_k in enumerate(unpack_inputs(x, self.k)):
-                with seed_stream(self.rng_states, k, x.device):
-                    starts.append(random_start(x_k, eps, kind))
-            return pack_inputs(torch.stack(starts))
+                starts.append(random_start(x_k, eps, kind, generator=self.generators[k]))
+            return torch.empty_like(x).copy_(pack_inputs(torch.stack(starts)))  # in x's memory format
         return each_seeds_own
 
     def losses(self, method, packed, batch):
@@ -290,7 +296,8 @@ class PackedSeeds:
         losses, logits = zip(*(
             method.loss(forwards.seed_model(k), dataclasses.replace(
                 batch, x=views['clean'][k], x_adv=views['adv'][k] if 'adv' in views else None, y=batch.y[k],
-                idx=batch.idx[k], soft_labels=tables[k]))
+                idx=batch.idx[k], soft_labels=tables[k],
+                clean_eval=None if batch.clean_eval is None else batch.clean_eval[:, k]))
             for k in range(self.k)))
         return torch.stack(losses), torch.stack(logits, dim=1)
 

@@ -53,31 +53,49 @@ def correct(logits, y):
 
 
 def train_step(model, optimizer, batch, *, method, attack, soft_labels, epoch, seeds=SINGLE,
-               autocast=contextlib.nullcontext, scaler=DISABLED_SCALER):
+               autocast=contextlib.nullcontext, scaler=DISABLED_SCALER, attack_model=None, eval_model=None,
+               clean_acc=True, teacher=None, ema=None):
     """attack -> loss -> backward -> SGD step on batch = (x, y, idx); returns the step's statistics, a [K, 4]
     float64 device tensor (columns STATS; K = seeds.k, 1 for one model).
 
     attack: pgd() keyword arguments (eps, step_size, steps, bn_mode; loss_scale for fp16); soft_labels: the run's
     table (a list of K for packed seeds) or None; autocast: a context-manager factory wrapping the forward passes;
-    scaler: a GradScaler, enabled for fp16 only.
+    scaler: a GradScaler, enabled for fp16 only. attack_model and eval_model: the models the attack and the
+    clean-accuracy forward run (the fast engine's compiled or folded views of `model`; default `model`); the loss
+    always trains `model`. clean_acc False skips the clean-accuracy forward (its statistic is then 0; a method
+    that uses_clean_eval still gets its logits). teacher: a distilling method's frozen teacher (a callable model in
+    eval mode), handed to its attack target and its loss. ema: an
+    engine.weight_ema.WeightEMA of `model`, updated after the optimizer step.
     """
     x, y, idx = batch
     net_x, net_y = seeds.inputs(x), seeds.labels(y)
-    with torch.no_grad(), autocast(), eval_mode(model):  # train clean accuracy: the measurement moves no BN statistics
-        clean_correct = correct(model(net_x), net_y)
+    attack_model = model if attack_model is None else attack_model
+    eval_model = model if eval_model is None else eval_model
+    clean_correct = torch.zeros(seeds.k, dtype=torch.long, device=y.device)
+    clean_logits = None
+    if clean_acc or method.uses_clean_eval:
+        with torch.no_grad(), autocast(), eval_mode(eval_model):  # the measurement moves no BN statistics
+            clean_logits = eval_model(net_x)
+        if clean_acc:
+            clean_correct = correct(clean_logits, net_y)
     model.train()
     x_adv = None
     if method.attack is not None:
         with autocast():
-            x_adv = pgd(model, net_x, net_y, loss=method.attack.loss, start=seeds.start(method.attack.start), **attack)
+            x_adv = pgd(attack_model, net_x, net_y, loss=method.attack.loss, start=seeds.start(method.attack.start),
+                        p_clean=method.attack_target(teacher, net_x), **attack)
     with autocast():
-        losses, logits = seeds.losses(method, model, LossInputs(net_x, y, idx, epoch, x_adv, soft_labels))
+        losses, logits = seeds.losses(method, model, LossInputs(
+            net_x, y, idx, epoch, x_adv, soft_labels, teacher, clean_logits if method.uses_clean_eval else None))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses.sum()).backward()  # d(sum)/d(loss_k) = 1: each packed seed's gradients are its own
     scaler.unscale_(optimizer)
     grad_norms = seeds.grad_norms(model)
     scaler.step(optimizer)  # fp16: skipped on overflow (the scaler reads one flag back per step)
     scaler.update()
+    method.after_step(model)
+    if ema is not None:
+        ema.update()
     loss_x_n = upcast(losses.detach()) * y.shape[-1]  # in the loss's dtype, then summed in float64 by the loop
     return torch.stack([loss_x_n.double(), correct(logits.detach(), net_y).double(), clean_correct.double(),
                         grad_norms.double()], dim=1)

@@ -158,3 +158,64 @@ def test_fast_engine_trains_end_to_end(tmp_path):
     assert len(records) == 3 and all(r['train_loss'] == r['train_loss'] for r in records)
     assert records[-1]['soft_label_max_mean'] < 1.0  # SGLS softened its labels
     assert records[-1]['train_clean_acc'] > 100 / 10 + 10  # learning: well above chance
+
+
+def test_packed_graphed_step_equals_packed_eager_step_by_step(exact_fp32):
+    """Packed seeds captured as CUDA graphs (their attack noise from their own generators, registered with the
+    graph): each step equals the eager packed step from the same state, generators included, and moves each
+    seed's generator exactly as the eager step does. tests/test_packed_training.py shows on the CPU that packed
+    fast seeds equal their single fast runs."""
+    from engine.packing import PackedSeeds, pack_models, seed_generator
+    x, y, idx, labels = batches('cuda')
+    seeds = 2
+    xs, ys, idxs = (torch.stack([t, t.roll(1, 0)]) for t in (x, y, idx))  # two seeds' batches: [K, steps, ...]
+    models = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        models.append(build_model('resnet18', CLASSES).cuda())
+    ref_packed, packed = pack_models(models), pack_models(models)
+    ref_opt = make_sgd(ref_packed.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, device='cuda')
+    opt = make_sgd(packed.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, device='cuda', graphed=True)
+    ref_gens = [seed_generator('cuda') for _ in range(seeds)]
+    gens = [seed_generator('cuda') for _ in range(seeds)]
+    for g, seed in zip(ref_gens, range(seeds)):
+        g.manual_seed(100 + seed)
+    fast = FastStep(packed, torch.device('cuda'), precision='fp32', channels_last=False, compile=False,
+                    cuda_graphs=True, generators=gens)
+    method = make_method('at')
+    ref_tables = [SoftLabels(labels, CLASSES) for _ in range(seeds)]
+    for i in range(STEPS):
+        copy_state_((packed, opt, SoftLabels(labels, CLASSES)), (ref_packed, ref_opt, ref_tables[0]))
+        for g, ref_g in zip(gens, ref_gens):
+            g.set_state(ref_g.get_state())
+        ref_stats = train_step(ref_packed, ref_opt, (xs[:, i], ys[:, i], idxs[:, i]), method=method, attack=ATTACK,
+                               soft_labels=None, epoch=1, seeds=PackedSeeds(seeds, ref_gens))
+        stats = fast(opt, (xs[:, i], ys[:, i], idxs[:, i]), method=method, attack=ATTACK, soft_labels=None, epoch=1,
+                     seeds=PackedSeeds(seeds, gens))
+        torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-5, msg=lambda m: f'step {i} metrics: {m}')
+        for (name, p), ref_p in zip(packed.state_dict().items(), ref_packed.state_dict().values()):
+            torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6, msg=lambda m: f'step {i} {name}: {m}')
+        for k, (g, ref_g) in enumerate(zip(gens, ref_gens)):
+            assert torch.equal(g.get_state(), ref_g.get_state()), f'step {i}: seed {k} generator'
+    assert len(fast.graphed.graphs) == 1
+
+
+def test_packed_fast_sweep_trains_end_to_end(tmp_path):
+    """sweep --pack 2 on the whole fast path (bf16, channels-last, compile, CUDA graphs, fold_bn, fused_attack)."""
+    from engine.sweep import main as sweep
+    lines = []
+    out = sweep([], [
+        '--data.dataset=synthetic', f'--data.dir={tmp_path}/data', '--data.synthetic_n_train=4096',
+        '--data.synthetic_n_test=512', '--data.val_size=256', '--model.arch=resnet18', '--methods', 'sgls',
+        '--seeds', '0-1', '--pack', '2', '--method.sgls_start_epoch=2', '--attack.eps=8', '--attack.step_size=2',
+        '--attack.steps=5', '--training.epochs=3', '--training.batch_size=128', '--training.engine=fast',
+        '--training.fold_bn=true', '--training.fused_attack=true', '--training.progress=off',
+        '--evaluation.subset=256', '--evaluation.final_n=256', '--evaluation.cw_steps=5',
+        '--evaluation.autoattack=false', '--out', f'{tmp_path}/sweep'], log=lines.append)
+    assert any('packed 2 seeds' in line for line in lines), lines
+    assert sum('captured the training step' in line for line in lines) == 2, lines
+    for seed in (0, 1):
+        with open(os.path.join(out, f'sgls-s{seed}', 'metrics.jsonl')) as f:
+            records = [json.loads(line) for line in f]
+        assert len(records) == 3 and records[-1]['soft_label_max_mean'] < 1.0
+        assert records[-1]['train_clean_acc'] > 100 / 10 + 10

@@ -35,15 +35,15 @@ def trainee(labels, dtype=torch.float32):
     return model, optimizer, SoftLabels(labels, CLASSES, dtype)
 
 
-def compare_step_by_step(method, compile, precision='fp32'):
+def compare_step_by_step(method, compile, precision='fp32', **options):
     """fp32: within 1e-4 (float32 kernels of another memory layout or compiled sum in other orders); fp64: within
-    1e-9, which holds on any CPU."""
+    1e-9, which holds on any CPU. options: FastStep's (fold_bn, fused_attack)."""
     dtype, tol = (torch.float64, 1e-9) if precision == 'fp64' else (torch.float32, 1e-4)
     x, y, idx, labels = batches()
     x = x.to(dtype)
     ref_model, ref_opt, ref_soft = trainee(labels, dtype)
     model, opt, soft = trainee(labels, dtype)
-    fast = FastStep(model, torch.device('cpu'), precision=precision, compile=compile)
+    fast = FastStep(model, torch.device('cpu'), precision=precision, compile=compile, **options)
     torch.manual_seed(1)
     for i in range(STEPS):
         model.load_state_dict(ref_model.state_dict())
@@ -71,6 +71,14 @@ def compare_step_by_step(method, compile, precision='fp32'):
 def test_channels_last_step_equals_eager(name, precision):
     compare_step_by_step(make_method(name, **SGLS_FROM_2 if name == 'sgls' else {}), compile=False,
                          precision=precision)
+
+
+@pytest.mark.parametrize('name', ['at', 'trades', 'sgls'])
+def test_folded_bn_and_fused_attack_step_equals_eager(name):
+    """fold_bn (the attack and clean-accuracy forwards on the folded view) and fused_attack (objective and update
+    compiled): the same step as the eager one, in float64. TRADES covers the KL attack's clean prediction."""
+    compare_step_by_step(make_method(name, **SGLS_FROM_2 if name == 'sgls' else {}), compile=True,
+                         precision='fp64', fold_bn=True, fused_attack=True)
 
 
 def test_trades_attack_agrees_up_to_float32_resolution():

@@ -204,3 +204,167 @@ def test_unknown_arch():
         build_model('resnet50', 10)
     message = str(err.value)
     assert 'resnet50' in message and all(arch in message for arch in ARCHS)
+
+
+# --- Issue 14: mobilenet_v2 (RSLAD's student) and the wide ResNets wrn28_10, wrn70_16 ---
+# The parametrized tests above run on every arch of ARCHS; these are the new archs' rules and small widths.
+INIT_RULES.update({
+    # zibojia/RSLAD cifar10_models/mobilenet_v2.py (commit c40e04f) has no init code: PyTorch's defaults.
+    'mobilenet_v2': dict(conv='default', linear_weight='default', linear_bias='default'),
+    # One WideResNet class (TRADES' init) for every depth and width.
+    'wrn28_10': INIT_RULES['wrn34_10'],
+    'wrn70_16': INIT_RULES['wrn34_10'],
+})
+# wrn70_16 at width 2: its 33 blocks give logits of ~1e2-1e3 at init, and at width 1 (seed 0) the elementwise
+# channels_last tolerance above is exceeded by rounding alone (1.1x); at width 2 it holds with a 3x margin.
+TINY_WIDTH.update({'mobilenet_v2': 8, 'wrn28_10': 1, 'wrn70_16': 2})
+NEW_ARCHS = ('mobilenet_v2', 'wrn28_10', 'wrn70_16')
+
+
+def assert_close_normwise(got, ref, rtol):
+    """|got - ref| <= rtol * max|ref|: rounding errors scale with the logits' size, which is ~1e3 for a deep WRN at
+    init, so a small logit may differ more than an elementwise tolerance allows (as tests/test_packing.py)."""
+    error, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    assert error <= rtol * scale, f'max difference {error:.3g} at scale {scale:.3g}'
+
+
+def wrn_params(depth, k, classes, in_ch=3):
+    """TRADES WideResNet (without sub_block1) by formula: stem 3x3 conv to 16; per stage n pre-activation blocks
+    (BN on the input, conv3x3, BN, conv3x3; a 1x1 projection where the channels change, in every stage's first
+    block since 16 != 16k for k > 1); final BN; Linear with bias."""
+    n, widths = (depth - 4) // 6, [16, 16 * k, 32 * k, 64 * k]
+    total = 9 * in_ch * 16
+    for cin, cout in zip(widths, widths[1:]):
+        for i in range(n):
+            c = cin if i == 0 else cout
+            total += 2 * c + 9 * c * cout + 2 * cout + 9 * cout * cout + (c * cout if c != cout else 0)
+    return total + 2 * widths[3] + (widths[3] + 1) * classes
+
+
+def mobilenet_v2_params(classes, in_ch=3, stem=32):
+    """RSLAD / kuangliu MobileNetV2 by formula: per conv its weights (depthwise: 9 per channel), per BN 2 per
+    channel, the stride-1 shortcut projections, the 1x1 conv to 1280, Linear with bias."""
+    cfg = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    total, cin = 9 * in_ch * stem + 2 * stem, stem
+    for expansion, cout, blocks, stride in cfg:
+        for s in [stride] + [1] * (blocks - 1):
+            planes = expansion * cin
+            total += cin * planes + 2 * planes + 9 * planes + 2 * planes + planes * cout + 2 * cout
+            if s == 1 and cin != cout:
+                total += cin * cout + 2 * cout
+            cin = cout
+    return total + 320 * 1280 + 2 * 1280 + (1280 + 1) * classes
+
+
+def meta_params(arch, classes, **kw):
+    with torch.device('meta'):   # shapes only: no storage, no init time (wrn70_16 has 267M parameters)
+        return n_params(build_model(arch, classes, **kw))
+
+
+@pytest.mark.parametrize('arch, classes, expected', [
+    # Counted from the official definitions (RSLAD's files at commit c40e04f, instantiated): MobileNetV2
+    # 2,296,922 / 2,412,212; TRADES WideResNet minus its unused sub_block1 (38,119,866 - 1,640,672 for WRN-28-10,
+    # 48,262,586 - 2,102,112 for WRN-34-10, 279,234,554 - 12,438,048 for WRN-70-16).
+    ('mobilenet_v2', 10, 2_296_922),
+    ('mobilenet_v2', 100, 2_412_212),
+    ('wrn28_10', 10, 36_479_194),
+    ('wrn34_10', 10, 46_160_474),
+    ('wrn70_16', 10, 266_796_506),
+    ('wrn70_16', 100, 266_888_756),
+])
+def test_new_arch_parameter_counts(arch, classes, expected):
+    formula = (mobilenet_v2_params(classes) if arch == 'mobilenet_v2' else
+               wrn_params(*{'wrn28_10': (28, 10), 'wrn34_10': (34, 10), 'wrn70_16': (70, 16)}[arch], classes))
+    assert formula == expected
+    assert meta_params(arch, classes) == expected
+    if arch == 'mobilenet_v2':
+        assert n_params(build_model(arch, classes)) == expected
+
+
+def test_widths_of_the_new_archs():
+    # wrn: width = widen factor (WRN-28-4, WRN-70-2); mobilenet_v2: width = stem channels only.
+    assert meta_params('wrn28_10', 10, width=4) == wrn_params(28, 4, 10)
+    assert meta_params('wrn70_16', 100, width=2, in_channels=1) == wrn_params(70, 2, 100, in_ch=1)
+    assert n_params(build_model('mobilenet_v2', 10, width=16, in_channels=1)) == mobilenet_v2_params(10, 1, 16)
+
+
+def test_wide_resnet_builder_and_bad_depth():
+    from engine.models.wideresnet import WideResNet, wide_resnet, wrn34_10
+    model = wrn34_10(10, 3, 1)
+    assert isinstance(model, WideResNet) and len(model.block1) == 5 and wrn34_10.__name__ == 'wrn34_10'
+    assert len(wide_resnet(16, 4)(10).block2) == 2
+    with pytest.raises(ValueError, match='6n\\+4'):
+        wide_resnet(30, 10)
+
+
+@pytest.mark.parametrize('arch', NEW_ARCHS)
+@pytest.mark.parametrize('shape', [(3, 32, 32), (3, 28, 28), (1, 28, 28)])
+def test_new_arch_output_shapes(arch, shape):
+    torch.manual_seed(0)
+    model = build_model(arch, 7, in_channels=shape[0], width=TINY_WIDTH[arch] if arch != 'mobilenet_v2' else 0)
+    assert model(torch.rand(2, *shape)).shape == (2, 7)
+
+
+def test_mobilenet_v2_pool_is_the_sources_on_32x32_and_ends_at_4x4_on_28x28():
+    """The source ends with relu(bn2(conv2(out))), avg_pool2d(out, 4), view, linear: its last map is 4x4 on
+    32x32 inputs, and the adaptive pool computes the same there; 28x28 inputs end at 4x4 too."""
+    torch.manual_seed(0)
+    model = build_model('mobilenet_v2', 10).eval()
+    for size in (32, 28):
+        seen = {}
+        hook = model.bn2.register_forward_hook(lambda m, i, out: seen.update(out=out))
+        with torch.no_grad():
+            logits = model(torch.rand(2, 3, size, size))
+            hook.remove()
+            assert seen['out'].shape == (2, 1280, 4, 4)
+            source = model.linear(torch.nn.functional.avg_pool2d(seen['out'].relu(), 4).view(2, -1))
+        torch.testing.assert_close(logits, source, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('arch', NEW_ARCHS)
+def test_new_archs_pack(arch):
+    from engine.packing import pack_inputs, pack_models
+    wrapper = dict(normalize=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(build_model(arch, 4, width=TINY_WIDTH[arch], **wrapper))
+    packed = pack_models(models)
+    xs = torch.rand(2, 4, 3, 16, 16)
+    for mode in (True, False):   # batch statistics, then running statistics
+        for m in (packed, *models):
+            m.train(mode)
+        logits = packed(pack_inputs(xs))
+        for s, model in enumerate(models):
+            assert_close_normwise(logits[:, s], model(xs[s]), rtol=1e-4)   # float32, grouped kernels
+
+
+# conv -> BN pairs: mobilenet_v2: stem, 3 per block x 17 blocks, the 4 stride-1 projection shortcuts (where the
+# channels change at stride 1: 32->16, 16->24, 64->96, 160->320) and conv2 -> bn2: every conv. Wide ResNets
+# (pre-activation): conv1 -> bn2 in each of their 3n blocks, plus the stem conv -> block1.0.bn1 when the widen
+# factor is > 1 (then block1.0 projects its pre-activated input, so bn1 is the stem's only reader; at width 1
+# the identity shortcut reads the stem output too, which fold_bn leaves alone).
+FOLD_PAIRS = [('mobilenet_v2', 8, 1 + 3 * 17 + 4 + 1), ('wrn28_10', 1, 12), ('wrn34_10', 1, 15),
+              ('wrn34_10', 2, 16), ('wrn70_16', 2, 34)]
+
+
+@pytest.mark.parametrize('arch, width, pairs', FOLD_PAIRS)
+def test_fold_bn_folds_the_expected_pairs(arch, width, pairs):
+    from engine.fold_bn import fold_bn
+    torch.manual_seed(0)
+    model = build_model(arch, 10, width=width).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        model.train()
+        model(torch.rand(16, 3, 32, 32, dtype=torch.float64))
+    model.eval()
+    view, folded = fold_bn(model)
+    assert folded == pairs
+    if arch == 'mobilenet_v2':
+        assert folded == sum(isinstance(m, nn.Conv2d) for m in model.modules())   # every conv has its BN
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close_normwise(view(x), model(x), rtol=1e-12)

@@ -21,8 +21,8 @@ import torch.nn as nn
 
 from engine.methods import make_method
 from engine.models import build_model
-from engine.packing import (PackedSeeds, pack_inputs, pack_models, pack_optimizer_state, pack_state, rng_state,
-                            unpack_optimizer_state, unpack_state)
+from engine.packing import (PackedSeeds, pack_inputs, pack_models, pack_optimizer_state, pack_state,
+                            seed_generator, unpack_optimizer_state, unpack_state)
 from engine.soft_labels import SoftLabels
 from engine.step import train_step
 from tests.synthetic import synthetic_batches
@@ -36,14 +36,19 @@ def epoch_of(step):
     return 1 + step * 2 // STEPS  # with start_epoch=2, SGLS switches its soft labels on mid-way
 
 
+# Start epochs set to 2: the methods with a soft-label table switch it on mid-way.
+START_EPOCHS = {'sgls': 'sgls_start_epoch', 'sgls_trades': 'sgls_start_epoch', 'trades_sat': 'sat_start_epoch',
+                'te': 'te_start_epoch'}
+
+
 def method(name):
-    return make_method(name, **{'sgls_start_epoch': 2} if name.startswith('sgls') else {})
+    return make_method(name, **{START_EPOCHS[name]: 2} if name in START_EPOCHS else {})
 
 
-def packed_step(packed, optimizer, xs, ys, idxs, *, soft_labels, rng_states, **kw):
+def packed_step(packed, optimizer, xs, ys, idxs, *, soft_labels, generators, **kw):
     """engine.step.train_step for the packed seeds: [K, 4] statistics."""
     return train_step(packed, optimizer, (xs, ys, idxs), soft_labels=soft_labels,
-                      seeds=PackedSeeds(packed.num_seeds, rng_states), **kw)
+                      seeds=PackedSeeds(packed.num_seeds, generators), **kw)
 
 
 def seed_data(seed, dtype):
@@ -180,13 +185,15 @@ def test_layers_that_cannot_be_packed_are_refused():
         pack_models([nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 5))])
 
 
-@pytest.mark.parametrize('name', ['at', 'sgls', 'trades', 'sgls_trades'])
+@pytest.mark.parametrize('name', ['at', 'sgls', 'trades', 'sgls_trades', 'at_ls', 'trades_sat', 'te', 'mart'])
 def test_packed_run_matches_each_seeds_single_run_float64(name):
+    """Every packable method (engine.methods: all but the distilling ones and AWP)."""
     method_, data = method(name), [seed_data(s, torch.float64) for s in SEEDS]
+    assert method_.packable
     singles, single_streams = [], []
     for seed, (x, y, idx, labels) in zip(SEEDS, data):
         model = seed_model(seed, torch.float64)
-        optimizer, soft, sums = sgd(model.parameters()), SoftLabels(labels, CLASSES, torch.float64), 0
+        optimizer, soft, sums = sgd(model.parameters()), method_.table_class(labels, CLASSES, torch.float64), 0
         for i in range(STEPS):
             sums = sums + train_step(model, optimizer, (x[i], y[i], idx[i]), method=method_, attack=ATTACK,
                                      soft_labels=soft, epoch=epoch_of(i))
@@ -196,22 +203,24 @@ def test_packed_run_matches_each_seeds_single_run_float64(name):
     models, streams = [], []
     for seed in SEEDS:
         models.append(seed_model(seed, torch.float64))
-        streams.append(rng_state('cpu'))
+        streams.append(seed_generator('cpu'))
     packed = pack_models(models)
     optimizer, sums = sgd(packed.parameters()), 0
-    soft_labels = [SoftLabels(labels, CLASSES, torch.float64) for *_, labels in data]
+    soft_labels = [method_.table_class(labels, CLASSES, torch.float64) for *_, labels in data]
     xs, ys, idxs = (torch.stack([d[j] for d in data], 1) for j in range(3))  # [STEPS, K, ...]
     torch.manual_seed(12345)
     outer = torch.get_rng_state()
     for i in range(STEPS):
         sums = sums + packed_step(packed, optimizer, xs[i], ys[i], idxs[i], method=method_, attack=ATTACK,
-                                  soft_labels=soft_labels, epoch=epoch_of(i), rng_states=streams)
+                                  soft_labels=soft_labels, epoch=epoch_of(i), generators=streams)
     assert torch.equal(torch.get_rng_state(), outer), 'the packed step must not move the global stream'
     for k, single in enumerate(singles):
-        assert torch.equal(streams[k], single_streams[k]), f'seed {k} drew other random numbers than alone'
+        assert torch.equal(streams[k].get_state(), single_streams[k]), f'seed {k} drew other random numbers than alone'
         assert_seed_equals_single(k, packed, optimizer, soft_labels, sums, single, rtol=1e-9, atol=1e-12)
-    if name.startswith('sgls'):
-        assert soft_labels[0].table.max(1).values.min() < 0.99, 'SGLS never softened a label'
+    if name.startswith('sgls') or name == 'trades_sat':
+        assert soft_labels[0].table.max(1).values.min() < 0.99, 'the soft labels never softened'
+    if name == 'te':
+        assert soft_labels[0].table.abs().sum() > 0, 'the ensemble never filled'
 
 
 @pytest.mark.parametrize('name', ['at', 'sgls'])
@@ -238,15 +247,17 @@ def test_packed_step_matches_single_step_float32(name):
         optimizer.load_state_dict(pack_optimizer_state([copy.deepcopy(o.state_dict()) for _, o, *_ in singles]))
         for table, (_, _, soft) in zip(soft_labels, singles):
             table.table.copy_(soft.table)
-        streams = [s.clone() for s in single_streams]
+        streams = [torch.Generator() for _ in single_streams]
+        for generator, state in zip(streams, single_streams):
+            generator.set_state(state)
         sums = packed_step(packed, optimizer, xs[i], ys[i], idxs[i], method=method_, attack=ATTACK,
-                           soft_labels=soft_labels, epoch=epoch_of(i), rng_states=streams)
+                           soft_labels=soft_labels, epoch=epoch_of(i), generators=streams)
         for k, (model, single_opt, soft) in enumerate(singles):
             torch.set_rng_state(single_streams[k])
             single_sums = train_step(model, single_opt, (xs[i, k], ys[i, k], idxs[i, k]), method=method_,
                                      attack=ATTACK, soft_labels=soft, epoch=epoch_of(i))
             single_streams[k] = torch.get_rng_state()
-            assert torch.equal(streams[k], single_streams[k]), f'step {i}: seed {k} drew other random numbers'
+            assert torch.equal(streams[k].get_state(), single_streams[k]), f'step {i}: seed {k} drew other random numbers'
             try:
                 assert_seed_equals_single(k, packed, optimizer, soft_labels, sums,
                                           (model, single_opt, soft, single_sums), rtol=1e-4, atol=1e-6)

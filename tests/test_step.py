@@ -73,3 +73,22 @@ def test_pgd_takes_its_start_from_the_caller():
     assert len(calls) == 1 and torch.equal(calls[0][0], x) and calls[0][1] == ATTACK['eps']
     fixed = pgd(model, x, y, start=lambda x_clean, eps: x_clean.clone(), **ATTACK)
     assert torch.equal(fixed, pgd(model, x, y, start='none', **ATTACK))
+
+
+def test_without_the_clean_accuracy_forward_the_step_trains_the_same():
+    """clean_acc=False skips only the no-grad eval-mode measurement: its column is 0 and every other statistic,
+    weight and BN statistic is bitwise the same (the measurement moves no state and draws no random number)."""
+    model, optimizer, batch = setup()
+    model2 = copy.deepcopy(model)
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        torch.manual_seed(5)
+        measured = train_step(model, optimizer, batch, method=make_method('at'), attack=ATTACK, soft_labels=None,
+                              epoch=1)
+        torch.manual_seed(5)
+        skipped = train_step(model2, optimizer2, batch, method=make_method('at'), attack=ATTACK, soft_labels=None,
+                             epoch=1, clean_acc=False)
+        assert measured[0, 2] > 0 and skipped[0, 2] == 0
+        assert torch.equal(measured[:, [0, 1, 3]], skipped[:, [0, 1, 3]])
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)

@@ -172,7 +172,28 @@ class _EpochGate:
         return epoch
 
 
-class GpuTrainLoader(_EpochGate):
+class _Shards:
+    """Data-parallel runs (engine.data_parallel): after shard(rank, world) a train loader yields the rank-th of
+    `world` equal slices of each batch, so the ranks' batches i together are the one-process batch i, in order,
+    with the same augmentation draws (the epoch's draws are indexed by position in the epoch)."""
+    rank, world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        last = self._images_per_epoch() % self.batch_size
+        if self.batch_size % world or last % world:
+            what = (f'training.batch_size={self.batch_size}' if self.batch_size % world else
+                    f'the last partial batch ({last} images, data.drop_last=false)')
+            raise ConfigError(f'{what} does not split evenly over {world} ranks (each takes an equal slice of '
+                              'every batch); choose a batch size (or data.train_limit, data.drop_last) that does')
+        self.rank, self.world = rank, world
+
+    def _part(self, start: int, n: int) -> slice:
+        """This rank's epoch positions in the batch of the n images from epoch position `start`."""
+        size = n // self.world
+        return slice(start + self.rank * size, start + (self.rank + 1) * size)
+
+
+class GpuTrainLoader(_EpochGate, _Shards):
     """Shuffled, augmented batches of `positions` from images (N, C, H, W) uint8 already on device; the last
     partial batch dropped (drop_last) or kept (the official SGLS / TRADES loaders keep it)."""
 
@@ -189,6 +210,9 @@ class GpuTrainLoader(_EpochGate):
     def __iter__(self):
         return self._batches(self._take_epoch())
 
+    def _images_per_epoch(self) -> int:
+        return images_per_epoch(len(self.positions), self.batch_size, self.drop_last)
+
     def _batches(self, epoch: int):
         dev, size, pad = self.images.device, self.batch_size, self.crop_padding
         gen = torch.Generator(device=dev)
@@ -199,11 +223,12 @@ class GpuTrainLoader(_EpochGate):
         shifts = torch.randint(0, 2 * pad + 1, (used, 2), generator=gen, device=dev) if pad else None
         flips = torch.rand(used, generator=gen, device=dev) < 0.5 if self.flip else None
         for start in range(0, used, size):
-            batch = order[start:start + size]
+            part = self._part(start, min(size, used - start))
+            batch = order[part]
             images = self.images[batch]
             if shifts is not None or flips is not None:
-                images = crop_and_flip(images, None if shifts is None else shifts[start:start + size],
-                                       None if flips is None else flips[start:start + size], pad)
+                images = crop_and_flip(images, None if shifts is None else shifts[part],
+                                       None if flips is None else flips[part], pad)
             yield images.to(self.dtype).div_(255), self.labels[batch], batch
 
 
@@ -243,7 +268,7 @@ class FfcvEvalLoader:
                    indices.reshape(-1).to(torch.int64, copy=True))
 
 
-class FfcvTrainLoader(_EpochGate, FfcvEvalLoader):
+class FfcvTrainLoader(_EpochGate, _Shards, FfcvEvalLoader):
     """ffcv's shuffled drop_last batches (unaugmented uint8), cropped and flipped in torch as GpuTrainLoader does."""
 
     def __init__(self, loader: Loader, *, batch_size: int, seed: int, crop_padding: int, flip: bool,
@@ -257,6 +282,9 @@ class FfcvTrainLoader(_EpochGate, FfcvEvalLoader):
         self.loader.next_epoch = epoch  # ffcv orders epoch e by default_rng(seed + e)
         return self._batches(self._augmented(iter(self.loader), epoch))
 
+    def _images_per_epoch(self) -> int:
+        return images_per_epoch(len(self.loader.indices), self.batch_size, self.drop_last)
+
     def _augmented(self, ffcv_batches, epoch: int):
         dev, size, pad = self.device, self.batch_size, self.crop_padding
         used = images_per_epoch(len(self.loader.indices), size, self.drop_last)
@@ -266,10 +294,12 @@ class FfcvTrainLoader(_EpochGate, FfcvEvalLoader):
         shifts = torch.randint(0, 2 * pad + 1, (used, 2), generator=gen, device=dev) if pad else None
         flips = torch.rand(used, generator=gen, device=dev) < 0.5 if self.flip else None
         for k, (images, labels, indices) in enumerate(ffcv_batches):
+            part = self._part(k * size, len(images))  # every batch is full but a kept last one
+            mine = slice(part.start - k * size, part.stop - k * size)  # ffcv decodes the whole batch on every rank
+            images, labels, indices = images[mine], labels[mine], indices[mine]
             if shifts is not None or flips is not None:
-                batch = slice(k * size, (k + 1) * size)  # every batch is full but a kept last one
-                images = crop_and_flip(images, None if shifts is None else shifts[batch],
-                                       None if flips is None else flips[batch], pad)
+                images = crop_and_flip(images, None if shifts is None else shifts[part],
+                                       None if flips is None else flips[part], pad)
             yield images, labels, indices
 
 

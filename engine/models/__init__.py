@@ -10,17 +10,24 @@ import torch
 import torch.nn as nn
 
 from engine.errors import ConfigError
+from engine.models.mobilenet_v2 import mobilenet_v2
 from engine.models.preact_resnet import preact_resnet18
 from engine.models.resnet import resnet18
 from engine.models.small_cnn import small_cnn
-from engine.models.wideresnet import wrn34_10
+from engine.models.wideresnet import wrn28_10, wrn34_10, wrn70_16
 
 # What `width` means per family and its default (used when width == 0).
 _BUILDERS = {
     'resnet18': (resnet18, 64),          # base width of the first stage (stages: w, 2w, 4w, 8w)
     'preact_resnet18': (preact_resnet18, 64),
-    'wrn34_10': (wrn34_10, 10),          # widen factor (stages: 16k, 32k, 64k)
+    # Wide ResNets, named by depth and default widen factor; width = the widen factor k (stages 16k, 32k, 64k),
+    # so wrn28_10 with width 4 is WRN-28-4. Another depth (6n+4) is one wide_resnet(depth, k) entry.
+    'wrn28_10': (wrn28_10, 10),
+    'wrn34_10': (wrn34_10, 10),
+    'wrn70_16': (wrn70_16, 16),
     'small_cnn': (small_cnn, 32),        # channels of the first convs (then 2w)
+    # width = the stem's channels only (the source's 32); the stages keep their widths. No width multiplier.
+    'mobilenet_v2': (mobilenet_v2, 32),
 }
 ARCHS = tuple(_BUILDERS)
 
@@ -36,6 +43,11 @@ class Normalize(nn.Module):
 
     def forward(self, x):
         return (x - self.mean) / self.std
+
+
+def default_width(arch: str) -> int:
+    """The width `arch` is built with when model.width is 0."""
+    return _BUILDERS[arch][1]
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, width: int = 0, normalize: bool = False,

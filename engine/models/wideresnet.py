@@ -1,8 +1,14 @@
-"""WideResNet-34-10 as in TRADES (their models/wideresnet.py), dropout 0.
+"""Wide ResNets of any depth 6n+4 and widen factor k as the TRADES WideResNet (their models/wideresnet.py),
+dropout 0: WRN-34-10 (the TRADES / SGLS model), WRN-28-10 and WRN-70-16 (the RSLAD CIFAR-100 teacher's size) as
+named configs (wrn28_10, wrn34_10, wrn70_16; engine.models._BUILDERS), any other size one wide_resnet(depth, k)
+line. One class for all, so each named config has the same layers, module names and initialisation: wrn34_10
+builds exactly what it built before the depth became a parameter (its golden runs and init are unchanged).
 
 Deviation from TRADES: its module also builds a `sub_block1` that forward() never uses; it is left out here
-(it only adds ~2.3M dead parameters, and unused parameters break DDP and inflate the count). SGLS's copy,
-github.com/devicerxx/SGLS models/wideresnet.py (commit 3e96990), leaves it out too, so this is its layout.
+(dead parameters: 2.1M in WRN-34-10, 12.4M in WRN-70-16; unused parameters break DDP and inflate the count).
+SGLS's copy, github.com/devicerxx/SGLS models/wideresnet.py (commit 3e96990), leaves it out too, so this is its
+layout. TRADES also names the layers otherwise (NetworkBlock's 'block1.layer.0.', convShortcut): engine.teacher
+reads a TRADES state dict (the RSLAD CIFAR-10 teacher is one) by renaming its keys and dropping sub_block1's.
 
 Initialisation as github.com/yaodongyu/TRADES models/wideresnet.py lines 74-82 (commit 6e8e11b; the file last
 changed in 9ee26f4), the same code as SGLS models/wideresnet.py lines 72-80: convs He-normal with fan-out,
@@ -10,7 +16,15 @@ BN weight 1 / bias 0, Linear bias 0 and Linear weight at PyTorch's default U(-1/
 engine.models.init. (Rice et al.'s wideresnet.py, lines 67-74, does the same with kaiming_normal_ fan-out.)
 
 The pool is adaptive so 28x28 inputs work (on 32x32 it equals the original avg_pool2d(out, 8)).
+
+WRN-70-16 here is the TRADES layout at that size (ReLU, symmetric padding, no normalisation inside): for a
+teacher trained by this engine. It cannot load the WRN-70-16 checkpoints of DeepMind's adversarial_robustness
+release that zibojia/RSLAD uses as its CIFAR-100 teacher (RSLAD cifar100_models/wideresnet.py, commit c40e04f):
+that network has Swish activations, TF "SAME" padding (F.pad (0, 1, 0, 1) before each stride-2 conv), the input
+normalisation inside, and other module names (init_conv, layer, batchnorm, logits).
 """
+from collections.abc import Callable
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -65,5 +79,19 @@ class WideResNet(nn.Module):
         return self.fc(self.pool(out).flatten(1))
 
 
-def wrn34_10(num_classes: int, in_channels: int = 3, widen_factor: int = 10) -> WideResNet:
-    return WideResNet(34, num_classes, widen_factor, in_channels)
+def wide_resnet(depth: int, widen: int) -> Callable[..., WideResNet]:
+    """The builder of WRN-depth-widen, (num_classes, in_channels=3, widen_factor=widen) -> WideResNet, in the
+    form engine.models._BUILDERS takes (model.width = the widen factor, 0 = `widen`)."""
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f'WideResNet depth must be 6n+4 with n >= 1, got {depth}')
+
+    def build(num_classes: int, in_channels: int = 3, widen_factor: int = widen) -> WideResNet:
+        return WideResNet(depth, num_classes, widen_factor, in_channels)
+    build.__name__ = build.__qualname__ = f'wrn{depth}_{widen}'
+    build.__doc__ = f'WRN-{depth}-k, k = widen_factor (default {widen}): {(depth - 4) // 6} blocks per stage.'
+    return build
+
+
+wrn28_10 = wide_resnet(28, 10)   # Zagoruyko & Komodakis' CIFAR WRN-28-10
+wrn34_10 = wide_resnet(34, 10)   # TRADES / SGLS; the RSLAD CIFAR-10 teacher
+wrn70_16 = wide_resnet(70, 16)   # the size of the RSLAD CIFAR-100 teacher (see the module docstring)

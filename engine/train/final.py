@@ -49,14 +49,19 @@ def evaluate_final(cfg, model, loader):
     return row
 
 
-def final_table(cfg, model, loaders, run_dir, best, device, log):
-    """final.json / final.md of a finished run: its best checkpoint (when one was chosen) and its final model."""
+def final_table(cfg, model, loaders, run_dir, best, device, log, ema=None, best_ema=None):
+    """final.json / final.md of a finished run: its best checkpoint (when one was chosen) and its final model;
+    with training.weight_ema also the averaged model's best (best-ema.pt, chosen on its own evaluations) and final
+    (`ema`, the averaged model) as the rows 'ema_best' and 'ema_final'."""
     rows = {}
-    if best['epoch'] > 0:
-        best_model = model_of(cfg, loaders.image_shape[0], device)
-        best_model.load_state_dict(checkpoint.load(os.path.join(run_dir, 'checkpoints', 'best.pt'), device)['model'])
-        rows['best'] = {'epoch': best['epoch'], **evaluate_final(cfg, best_model, loaders.test)}
-    rows['final'] = {'epoch': cfg.training.epochs, **evaluate_final(cfg, model, loaders.test)}
+    for name, file, chosen, final_model in (('', 'best.pt', best, model), ('ema_', 'best-ema.pt', best_ema, ema)):
+        if final_model is None:
+            continue
+        if chosen['epoch'] > 0:
+            best_model = model_of(cfg, loaders.image_shape[0], device)
+            best_model.load_state_dict(checkpoint.load(os.path.join(run_dir, 'checkpoints', file), device)['model'])
+            rows[f'{name}best'] = {'epoch': chosen['epoch'], **evaluate_final(cfg, best_model, loaders.test)}
+        rows[f'{name}final'] = {'epoch': cfg.training.epochs, **evaluate_final(cfg, final_model, loaders.test)}
     settings = final_settings(cfg, rows['final']['n'])
     settings['best_selected_on'] = 'validation PGD' if loaders.val is not None else 'test PGD (no validation split)'
     # Logged before the files are written: a full disk or a read-only folder then loses the write, not the table.

@@ -23,13 +23,15 @@ import torch
 from tqdm import tqdm
 
 from engine import checkpoint, config as config_mod
+from engine.distributed import by_writer
 from engine.errors import RunFailed, UserError
 from engine.fast import FastStep
-from engine.packing import (PackedSeeds, pack_models, pack_optimizer_state, rng_state, seed_stream,
+from engine.packing import (PackedSeeds, pack_models, pack_optimizer_state, seed_generator, seed_stream,
                             unpack_optimizer_state, unpack_state)
 from engine.step import make_sgd, set_lr, train_step
-from engine.train.build import lr_at, progress_on, resolve_device, uses_graphs
+from engine.train.build import lr_at, method_of, progress_on, resolve_device, uses_graphs
 from engine.train.run_state import Run, run_dir_of
+from engine.weight_ema import WeightEMA
 from writers.run_lock import RunLock, RunOwned
 
 # Keys that may differ between packed runs: what makes them different seeds, and where they write.
@@ -38,11 +40,13 @@ PER_SEED_KEYS = ('training.seed', 'output.name')
 
 class EpochMeter:
     """Each run's summed step statistics over an epoch, on the device ([K, 4], engine.step.STATS); the image
-    (per run) and step counts on the host."""
+    (per run) and step counts on the host. parallel: a data-parallel run's DataParallel, whose ranks' sums are
+    added up when read."""
 
-    def __init__(self, num_runs, device):
+    def __init__(self, num_runs, device, parallel=None):
         self.sums = torch.zeros(num_runs, 4, dtype=torch.float64, device=device)
         self.images = self.steps = 0
+        self.parallel = parallel
 
     def add(self, stats, n):
         self.sums += stats
@@ -51,8 +55,21 @@ class EpochMeter:
 
     def read(self):
         """The one host sync of the epoch: per run, the sums with the counts."""
+        if self.parallel is not None:
+            self.sums, self.images = self.parallel.sum_epoch(self.sums, self.images)
         return [dict(loss=loss, robust=robust, clean=clean, grad_norm=grad, images=self.images, steps=self.steps)
                 for loss, robust, clean, grad in self.sums.tolist()]
+
+
+def fast_step(model, device, t, log, generators=()):
+    """engine.fast.FastStep for `model` (one network or packed seeds, whose generators a CUDA graph captures) as
+    the training section `t` configures it."""
+    step = FastStep(model, device, precision=t.precision, channels_last=t.channels_last, compile=t.compile,
+                    cuda_graphs=t.cuda_graphs, log=log, fold_bn=t.fold_bn, fused_attack=t.fused_attack,
+                    generators=generators)
+    log(f'fast engine: precision {step.precision}, channels_last {t.channels_last}, compile {t.compile}, '
+        f'cuda_graphs {step.graphed is not None}, fold_bn {t.fold_bn}, fused_attack {t.fused_attack}')
+    return step
 
 
 class SingleStepper:
@@ -63,14 +80,12 @@ class SingleStepper:
         self.fast = t.engine == 'fast'
         self.optimizer = run.optimizer
         if self.fast:
-            self.step_fn = FastStep(run.model, run.device, precision=t.precision, channels_last=t.channels_last,
-                                    compile=t.compile, cuda_graphs=t.cuda_graphs, log=log)
-            self.net, self.autocast = self.step_fn.net, self.step_fn.autocast
-            log(f'fast engine: precision {self.step_fn.precision}, channels_last {t.channels_last}, compile '
-                f'{t.compile}, cuda_graphs {self.step_fn.graphed is not None}')
+            self.step_fn = fast_step(run.model, run.device, t, log)
+            self.net, self.autocast = self.step_fn.eval_net, self.step_fn.autocast
         else:
             self.step_fn = lambda optimizer, batch, **kw: train_step(run.model, optimizer, batch, **kw)
             self.net, self.autocast = run.model, contextlib.nullcontext
+        self.options = {} if run.parallel is None else {'seeds': run.parallel.seeds}  # this rank's slice
 
     def batch(self, batches):
         (x, _, idx), = batches
@@ -79,7 +94,8 @@ class SingleStepper:
     def step(self, batch, epoch):
         run = self.run
         return self.step_fn(self.optimizer, batch, method=run.method, attack=run.attack,
-                            soft_labels=run.soft_labels, epoch=epoch)
+                            soft_labels=run.soft_labels, epoch=epoch, clean_acc=run.cfg.training.clean_acc,
+                            teacher=run.teacher, ema=run.ema, **self.options)
 
     def end_epoch(self):
         pass
@@ -92,20 +108,31 @@ class SingleStepper:
 
 
 class PackedStepper:
-    """Trains K runs' models as one packed model (engine.packing) with one SGD over its parameters; after each
-    epoch the packed weights and optimizer state are split back into each run's model and optimizer."""
+    """Trains K runs' models as one packed model (engine.packing) with one SGD over its parameters, by the eager
+    or the fast step (training.engine; with CUDA graphs the seeds' generators are captured with the step); after
+    each epoch the packed weights and optimizer state are split back into each run's model and optimizer."""
 
-    fast, autocast = False, contextlib.nullcontext
-
-    def __init__(self, runs, streams):
-        self.runs, self.streams, self.device = runs, streams, runs[0].device
+    def __init__(self, runs, generators, log):
+        self.runs, self.generators, self.device = runs, generators, runs[0].device
         self.packed = pack_models([r.model for r in runs])
-        o = runs[0].cfg.optimizer
+        cfg = runs[0].cfg
+        o, t = cfg.optimizer, cfg.training
         self.optimizer = make_sgd(self.packed.parameters(), lr=o.lr, momentum=o.momentum,
-                                  weight_decay=o.weight_decay, nesterov=o.nesterov)
+                                  weight_decay=o.weight_decay, nesterov=o.nesterov, device=self.device,
+                                  graphed=uses_graphs(cfg, self.device))
         self.optimizer.load_state_dict(pack_optimizer_state([r.optimizer.state_dict() for r in runs]))
-        self.seeds = PackedSeeds(len(runs), streams)
+        self.seeds = PackedSeeds(len(runs), generators)
         self.tables = [r.soft_labels for r in runs] if runs[0].soft_labels is not None else None
+        # weight EMA: the packed model's, continued from each run's (elementwise, so K EMAs; engine.weight_ema)
+        self.ema = (WeightEMA(self.packed, t.weight_ema_decay, average=pack_models([r.ema.model for r in runs]))
+                    if runs[0].ema is not None else None)
+        self.fast = t.engine == 'fast'
+        if self.fast:
+            self.step_fn = fast_step(self.packed, self.device, t, log, generators=generators)
+            self.autocast = self.step_fn.autocast
+        else:
+            self.step_fn = lambda optimizer, batch, **kw: train_step(self.packed, optimizer, batch, **kw)
+            self.autocast = contextlib.nullcontext
 
     def batch(self, batches):
         xs = torch.stack([x for x, _, _ in batches])  # a copy: FFCV may reuse its batch buffers
@@ -114,39 +141,42 @@ class PackedStepper:
 
     def step(self, batch, epoch):
         run = self.runs[0]
-        return train_step(self.packed, self.optimizer, batch, method=run.method, attack=run.attack,
-                          soft_labels=self.tables, epoch=epoch, seeds=self.seeds)
+        return self.step_fn(self.optimizer, batch, method=run.method, attack=run.attack, soft_labels=self.tables,
+                            epoch=epoch, seeds=self.seeds, clean_acc=run.cfg.training.clean_acc, ema=self.ema)
 
     def end_epoch(self):
         for run, model_state, optimizer_state in zip(self.runs, unpack_state(self.packed), unpack_optimizer_state(
                 self.optimizer.state_dict(), len(self.runs))):
             run.model.load_state_dict(model_state)
             run.optimizer.load_state_dict(optimizer_state)
+        for run, ema_state in zip(self.runs, unpack_state(self.ema.model) if self.ema is not None else ()):
+            run.ema.load_state_dict(ema_state)
 
     def seed(self, k):
         """Seed k's random stream in the body: its evaluation noise and its checkpoint's RNG state."""
-        return seed_stream(self.streams, k, self.device)
+        return seed_stream(self.generators, k, self.device)
 
     def eval_model(self, k):
         return self.runs[k].model
 
 
 def check_packable(cfgs):
-    """Raise UserError unless the configs are one run apart from PER_SEED_KEYS, on the eager engine."""
+    """Raise UserError unless the configs are one run apart from PER_SEED_KEYS."""
     flats = [config_mod.flat(c) for c in cfgs]
     differ = sorted({k for f in flats[1:] for k in f if f[k] != flats[0][k] and k not in PER_SEED_KEYS})
     if differ:
         raise UserError(f"packed seeds must share their config but for {', '.join(PER_SEED_KEYS)}; "
                         f"these differ: {', '.join(differ)}")
-    if cfgs[0].training.engine != 'eager':
-        raise UserError('packed seeds train with the eager step: set --training.engine=eager (or do not pack)')
     if len({c.training.seed for c in cfgs}) != len(cfgs):
         raise UserError('packed seeds must be different seeds')
+    method = method_of(cfgs[0])
+    if not method.packable:
+        raise UserError(f'--pack: method {method.name} cannot train as packed seeds: {method.not_packable_because}')
 
 
-def progress_bar(cfg, batches, epoch, total):
-    return tqdm(batches, total=total, desc=f'epoch {epoch}', disable=not progress_on(cfg), leave=False, file=sys.stderr,
-                unit='batch', dynamic_ncols=True)
+def progress_bar(cfg, batches, epoch, total, show=True):
+    return tqdm(batches, total=total, desc=f'epoch {epoch}', disable=not (show and progress_on(cfg)), leave=False,
+                file=sys.stderr, unit='batch', dynamic_ncols=True)
 
 
 def show_progress(bar, i, meter, t0):
@@ -170,9 +200,11 @@ def train_runs(runs, stepper, log):
         set_lr(stepper.optimizer, lr)
         for run in runs:
             run.loaders.train.set_epoch(epoch)
-        meter = EpochMeter(len(runs), runs[0].device)
+            run.method.begin_epoch(epoch)  # epoch-dependent values a captured step reads (TE's ramp weight)
+        meter = EpochMeter(len(runs), runs[0].device, runs[0].parallel)
         t0 = time.perf_counter()
-        bar = progress_bar(cfg, zip(*(r.loaders.train for r in runs)), epoch, total=len(runs[0].loaders.train))
+        bar = progress_bar(cfg, zip(*(r.loaders.train for r in runs)), epoch, total=len(runs[0].loaders.train),
+                           show=runs[0].writes)
         for i, batches in enumerate(bar):
             batch = stepper.batch(batches)
             meter.add(stepper.step(batch, epoch), batch[1].shape[-1])
@@ -204,10 +236,10 @@ def train_runs(runs, stepper, log):
     return [r.run_dir for r in runs]
 
 
-def _train_alone(cfg, device, log):
-    """One run whose folder the caller owns."""
+def _train_alone(cfg, device, log, parallel=None):
+    """One run whose folder the caller owns (data-parallel: rank 0 owns it)."""
     with contextlib.ExitStack() as stack:
-        run = Run(cfg, device, log, graphed=uses_graphs(cfg, device))
+        run = Run(cfg, device, log, graphed=uses_graphs(cfg, device), parallel=parallel)
         stack.callback(run.close)
         stepper = SingleStepper(run, run.log)  # before restore: a channels-last model then receives the checkpoint
         run.restore()
@@ -218,27 +250,31 @@ def _train_packed(cfgs, device, log):
     """Runs of one group, at one epoch, whose folders the caller owns, trained as one packed model."""
     check_packable(cfgs)
     with contextlib.ExitStack() as stack:
-        runs, streams = [], []
+        runs, generators = [], []
         for c in cfgs:  # each seed's set-up draws from its own freshly seeded (or restored) stream, as alone
-            run = Run(c, device, log)
+            run = Run(c, device, log, graphed=uses_graphs(c, device))
             stack.callback(run.close)
             run.grouped = True
             run.restore()
             runs.append(run)
-            streams.append(rng_state(device))
+            generators.append(seed_generator(device))
         if len({r.start for r in runs}) != 1:
             raise UserError('packed seeds must resume from the same epoch; got '
                             + ', '.join(f'{r.run_dir}: {r.start - 1}' for r in runs))
         log(f'packed {len(runs)} seeds ({", ".join(str(c.training.seed) for c in cfgs)}) as one model')
-        return train_runs(runs, PackedStepper(runs, streams), log)
+        return train_runs(runs, PackedStepper(runs, generators, log), log)
 
 
-def train(cfg, log=print):
-    """Train one run to the end (or to training.stop_after epochs), owning its folder; returns the folder."""
+def train(cfg, log=print, parallel=None):
+    """Train one run to the end (or to training.stop_after epochs), owning its folder; returns the folder.
+    parallel: this rank's engine.data_parallel.DataParallel of a data-parallel run, whose rank 0 owns the folder."""
     device = resolve_device(cfg.training.device)
-    with RunLock(run_dir_of(cfg), log):
-        checkpoint.settle_group([run_dir_of(cfg)], log, epochs=False)  # a run trained packed before, now alone
-        return _train_alone(cfg, device, log)
+    with contextlib.ExitStack() as stack:
+        def own():
+            stack.enter_context(RunLock(run_dir_of(cfg), log))
+            checkpoint.settle_group([run_dir_of(cfg)], log, epochs=False)  # a run trained packed before, now alone
+        by_writer(parallel, own)
+        return _train_alone(cfg, device, log, parallel)
 
 
 def train_group(cfgs, log=print, sweep=False):

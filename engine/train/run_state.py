@@ -3,7 +3,8 @@ bookkeeping that closes each epoch (metrics, evaluation, divergence check, best 
 
 The epoch loop (engine.train.loop) drives one Run, or K Runs whose steps run packed; it never touches a file. The
 caller owns the run folder (writers.run_lock.RunLock) before it builds a Run, and everything that can fail on bad
-input (data, labels, model) is built before the Run writes anything there.
+input (data, labels, model) is built before the Run writes anything there. In a data-parallel run every rank
+builds the Run and trains (engine.data_parallel); rank 0 alone prepares and writes the folder.
 """
 import json
 import math
@@ -15,14 +16,17 @@ import torch
 from engine import checkpoint, config as config_mod
 from engine.checkpoint import DataIdentity, Progress, RandomState
 from engine.data.loaders import labels_by_index
+from engine.data_parallel import sync_batchnorm
+from engine.distributed import by_writer
 from engine.errors import RunFailed, UserError
 from engine.evaluate import evaluate
 from engine.methods import corrupt_labels
 from engine.provenance import provenance
-from engine.soft_labels import SoftLabels
 from engine.step import make_sgd
+from engine.teacher import load_teacher
 from engine.train.build import attack_budget, dtype_of, method_of, model_of, num_classes_of, open_data
 from engine.train.final import final_table
+from engine.weight_ema import WeightEMA
 from writers.atomic import remove_stale_temps
 from writers.run_files import (RUN_FILES, ConsoleLog, MetricsLog, append_provenance, read_failed, write_failed,
                                write_params)
@@ -39,8 +43,8 @@ RESUMABLE_CHANGES = ('training.resume', 'training.stop_after', 'training.progres
                      'evaluation.autoattack_version', 'evaluation.batch_size', 'evaluation.presets')
 # A run has started once one of these exists: its folder then holds results that a new run must not mix into.
 STARTED = ('checkpoints/last.pt', 'checkpoints/pending.pt', 'final.json', 'failed.json')
-CHECKPOINT_FILES = ('last.pt', 'best.pt', 'pending.pt', 'last-eval.json', 'last-eval.md', 'best-eval.json',
-                    'best-eval.md')
+CHECKPOINT_FILES = ('last.pt', 'best.pt', 'best-ema.pt', 'pending.pt', 'last-eval.json', 'last-eval.md',
+                    'best-eval.json', 'best-eval.md', 'best-ema-eval.json', 'best-ema-eval.md')
 
 
 def run_dir_of(cfg):
@@ -157,15 +161,21 @@ class Run:
     """One run: config, folder, data, model, optimizer, method, labels and soft labels, metrics log, and its
     checkpoint parts. Built in the order that fixes the run's random stream: seed, data, model; then (all input
     checked) the folder is prepared; restore() loads a checkpoint to resume from, RNG state included. The caller
-    owns the folder (RunLock) and calls close()."""
+    owns the folder (RunLock) and calls close(). parallel: this rank's engine.data_parallel.DataParallel in a
+    data-parallel run (then only its rank 0 `writes`), else None."""
 
-    def __init__(self, cfg, device, log=print, graphed=False):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg, device, log=print, graphed=False, parallel=None):
+        self.cfg, self.device, self.parallel = cfg, device, parallel
+        self.writes = parallel is None or parallel.writes
         self.params = config_mod.flat(cfg)
         self.run_dir = run_dir_of(cfg)
         torch.manual_seed(cfg.training.seed)
         self.loaders, (train_path, test_path) = open_data(cfg, device, log)
         self.model = model_of(cfg, self.loaders.image_shape[0], device)
+        if parallel is not None:
+            self.loaders.train.shard(parallel.rank, parallel.world)
+            if cfg.distributed.sync_bn:
+                sync_batchnorm(self.model)
         o, m = cfg.optimizer, cfg.method
         self.optimizer = make_sgd(self.model.parameters(), lr=o.lr, momentum=o.momentum,
                                   weight_decay=o.weight_decay, nesterov=o.nesterov, device=device, graphed=graphed)
@@ -173,16 +183,22 @@ class Run:
         n_cls = num_classes_of(cfg)
         train_labels = labels_by_index(train_path)
         self.labels = corrupt_labels(train_labels, n_cls, m.label_noise, m.noise_rate, m.noise_seed).to(device)
-        self.soft_labels = SoftLabels(self.labels, n_cls, dtype_of(cfg, device)) if self.method.soft_labels else None
+        self.soft_labels = (self.method.table_class(self.labels, n_cls, dtype_of(cfg, device), ranks=parallel)
+                            if self.method.soft_labels else None)
+        self.teacher = teacher_of(cfg, self.method, self.loaders.image_shape[0], device)
+        t = cfg.training
+        self.ema = WeightEMA(self.model, t.weight_ema_decay) if t.weight_ema else None
         self.progress = Progress()
         self.parts = {'model': self.model, 'optimizer': self.optimizer, 'rng': RandomState(),
                       'progress': self.progress, 'data': DataIdentity(train_labels, labels_by_index(test_path))}
-        if self.soft_labels is not None:
-            self.parts['soft_labels'] = self.soft_labels
+        for name, part in (('soft_labels', self.soft_labels), ('ema', self.ema),
+                           ('teacher', None if self.teacher is None else self.teacher.reference())):
+            if part is not None:
+                self.parts[name] = part
         # Everything above checks the input; only now is anything written into the folder.
-        self.resume_from = prepare_run_dir(self.run_dir, cfg, self.params, log)
-        self.log = ConsoleLog(self.run_dir, log)
-        self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.output.tensorboard)
+        self.resume_from = by_writer(parallel, lambda: prepare_run_dir(self.run_dir, cfg, self.params, log))
+        self.log = ConsoleLog(self.run_dir, log) if self.writes else log
+        self.metrics = MetricsLog(self.run_dir, tensorboard=cfg.output.tensorboard) if self.writes else None
         self.epochs_this_run = 0
         self.grouped = False  # packed: checkpoints go through pending.pt (checkpoint.settle_group)
 
@@ -215,8 +231,10 @@ class Run:
                 raise UserError(f'{self.resume_from}: holds epoch {self.progress.epoch}, past '
                                 f'training.epochs={cfg.training.epochs}')
             log(f'{self.run_dir}: resuming after epoch {self.progress.epoch}')
-        self.metrics.truncate_after(self.progress.epoch, log)  # a kill can land between the checkpoint and the log
-        append_provenance(self.run_dir, provenance(self.device, resumed_after_epoch=self.progress.epoch))
+        if self.writes:
+            self.metrics.truncate_after(self.progress.epoch, log)  # a kill can land between checkpoint and log
+            ranks = {} if self.parallel is None else {'data_parallel_ranks': self.parallel.world}
+            append_provenance(self.run_dir, provenance(self.device, resumed_after_epoch=self.progress.epoch, **ranks))
         log(f'{self.run_dir}: {self.method.name} {cfg.model.arch} on {cfg.data.dataset} '
             f'({len(self.loaders.train_indices)} train images, {self.loaders.num_train_total} in the beton), '
             f'{cfg.training.epochs} epochs, device {self.device}')
@@ -224,13 +242,17 @@ class Run:
     def end_epoch(self, epoch, lr, stats, seconds, net, autocast):
         """Record, evaluate, checkpoint and log a finished epoch. stats: the loop's sums for this run (loss x n,
         robust-correct, clean-correct, grad-norm sum, images, steps). True when training.stop_after says stop.
-        Raises RunFailed, writing failed.json and no checkpoint, when the loss or a weight is not finite."""
+        Raises RunFailed, writing failed.json and no checkpoint, when the loss or a weight is not finite.
+        Data-parallel: every rank evaluates (their random streams stay one), rank 0 alone writes."""
         cfg, device = self.cfg, self.device
+        if self.parallel is not None:
+            self.parallel.share_buffers(self.model)
         self.check_finite(epoch, stats)
         images, n = stats['images'], max(stats['images'], 1)
         record = {'epoch': epoch, 'lr': lr, 'train_loss': stats['loss'] / n,
                   'train_robust_acc': 100 * stats['robust'] / n if self.method.attack is not None else None,
-                  'train_clean_acc': 100 * stats['clean'] / n, 'grad_norm': stats['grad_norm'] / max(stats['steps'], 1),
+                  'train_clean_acc': 100 * stats['clean'] / n if cfg.training.clean_acc else None,
+                  'grad_norm': stats['grad_norm'] / max(stats['steps'], 1),
                   'images': images, 'epoch_time_s': seconds, 'images_per_s': images / seconds}
         if self.soft_labels is not None:  # 1.0 while the table is one-hot; falls as SGLS softens it
             rows = self.soft_labels.table[torch.as_tensor(self.loaders.train_indices, device=device)]
@@ -241,13 +263,15 @@ class Run:
                 record.update(evaluate_epoch(cfg, net, self.loaders))
             if record.get('train_robust_acc') is not None:
                 record['robust_gap'] = record['train_robust_acc'] - record['test_pgd_acc']
-            selector = record.get('val_pgd_acc', record['test_pgd_acc'])  # test only when there is no val split
-            if selector > self.progress.best['val_pgd_acc']:
-                self.progress.best = {'val_pgd_acc': selector, 'epoch': epoch}
-                checkpoint.save(self.checkpoint_path('best'), {'model': self.model, 'progress': self.progress},
-                                self.params)
-        checkpoint.save(self.checkpoint_path('pending' if self.grouped else 'last'), self.parts, self.params)
-        self.metrics.append(record)
+            self.select_best(epoch, record, self.model, '')
+            if self.ema is not None:  # the averaged weights: evaluated and selected on their own, their attack
+                # noise drawn from a fork of the random stream, so the model trains exactly as without the EMA
+                with autocast(), torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+                    record.update({f'ema_{k}': v for k, v in evaluate_epoch(cfg, self.ema.model, self.loaders).items()})
+                self.select_best(epoch, record, self.ema.model, 'ema_')
+        if self.writes:
+            checkpoint.save(self.checkpoint_path('pending' if self.grouped else 'last'), self.parts, self.params)
+            self.metrics.append(record)
         self.log(epoch_line(record))
         self.epochs_this_run += 1
         stop_after = cfg.training.stop_after
@@ -257,6 +281,17 @@ class Run:
             return True
         return False
 
+    def select_best(self, epoch, record, model, prefix):
+        """Keep `model` as best(-ema).pt when its validation PGD accuracy (test PGD without a validation split)
+        beats its best so far; prefix '' for the model, 'ema_' for its weight EMA."""
+        selector = record.get(f'{prefix}val_pgd_acc', record[f'{prefix}test_pgd_acc'])
+        attribute = 'best_ema' if prefix else 'best'
+        if selector > getattr(self.progress, attribute)['val_pgd_acc']:
+            setattr(self.progress, attribute, {'val_pgd_acc': selector, 'epoch': epoch})
+            if self.writes:
+                checkpoint.save(self.checkpoint_path('best-ema' if prefix else 'best'),
+                                {'model': model, 'progress': self.progress}, self.params)
+
     def check_finite(self, epoch, stats):
         """Divergence: the epoch's loss and gradient norm (already on the host) and every weight and buffer (one
         device read per epoch). On failure the last good checkpoints stay as they are."""
@@ -265,7 +300,8 @@ class Run:
             bad = [('weights', name) for name in non_finite(self.model)[:3]]
         if bad:
             what, value = bad[0]
-            write_failed(self.run_dir, epoch, f'non-finite {what}', value)
+            if self.writes:
+                write_failed(self.run_dir, epoch, f'non-finite {what}', value)
             self.log(f'{self.run_dir}: FAILED at epoch {epoch}: non-finite {what} ({value}); the checkpoints of '
                      f'epoch {self.progress.epoch} are kept, failed.json marks the run')
             raise RunFailed(f'{self.run_dir}: training diverged at epoch {epoch}: non-finite {what} ({value}); '
@@ -280,11 +316,26 @@ class Run:
         return os.path.join(self.run_dir, 'checkpoints', f'{which}.pt')
 
     def finish(self):
-        final_table(self.cfg, self.model, self.loaders, self.run_dir, self.progress.best, self.device, self.log)
+        if self.writes:  # the other ranks of a data-parallel run are done
+            final_table(self.cfg, self.model, self.loaders, self.run_dir, self.progress.best, self.device, self.log,
+                        ema=self.ema and self.ema.model, best_ema=self.progress.best_ema)
 
     def close(self):
-        self.metrics.close()
-        self.log.close()
+        if self.writes:
+            self.metrics.close()
+            self.log.close()
+
+
+def teacher_of(cfg, method, in_channels, device):
+    """A distilling method's frozen teacher (method.teacher; engine.teacher), or None for the other methods."""
+    if not method.distills:
+        return None
+    m = cfg.method
+    if not m.teacher:
+        raise UserError(f'method {method.name} distils from a teacher: set --method.teacher=PATH (a checkpoint of '
+                        'this engine, or a state dict with --method.teacher_arch)')
+    return load_teacher(m.teacher, arch=m.teacher_arch, width=m.teacher_width, num_classes=num_classes_of(cfg),
+                        in_channels=in_channels, device=device, dtype=dtype_of(cfg, device))
 
 
 def non_finite(model):

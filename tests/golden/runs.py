@@ -90,6 +90,8 @@ def checkpoint_record(path):
                               for i, s in state['optimizer']['state'].items()}
     if state.get('soft_labels') is not None:
         record['soft_labels'] = fingerprint(state['soft_labels']['table'])
+    if 'ema' in state:  # training.weight_ema: the averaged weights
+        record['ema'] = tensors(state['ema'])
     if 'rng' in state:
         record['rng_sha256'] = hashlib.sha256(state['rng']['torch'].numpy().tobytes()).hexdigest()
     return record
