@@ -168,6 +168,10 @@ def process_group(device_name, *, backend=None, timeout):
     dist.init_process_group(backend or ('nccl' if device.type == 'cuda' else 'gloo'), timeout=timeout)
     try:
         yield Group(rank, world, local_rank)
+        # Every rank past its last collective before any leaves: a rank that tore its process group down while
+        # another's gather was still in flight aborted ("terminate called without an active exception", seen in
+        # CI on 2026-12-02). After a failure torchrun stops the others: no barrier then.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
