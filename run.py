@@ -2,7 +2,9 @@
 
     python run.py convert  [-C config.yaml ...] [--data.key=value ...]   sources -> <data.dir>/<dataset>-{train,test}.beton
     python run.py train    [-C config.yaml ...] [--section.key=value ...] train one run; final.json / final.md at the end
-    python run.py eval     --checkpoint PATH [--section.key=value ...]   the final-table evaluation of a checkpoint
+    python run.py eval     --checkpoint PATH [--out DIR] [--section.key=value ...]   the final table of any model:
+                           a checkpoint of this engine, a state dict / .safetensors with --model.arch, or
+                           --model.factory=package.module:function (engine/eval_model.py)
     python run.py sweep    [-C config.yaml ...] --methods at,sgls --seeds 0-4 [--grid key=v1,v2] [--pack K] [--compare]
     python run.py compare  RUN_DIRS... [--out DIR] [--baseline METHOD]   many-seed statistics, report and plots
 
@@ -24,13 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine.errors import UserError  # noqa: E402
 
 USAGE = __doc__
-
-
-def take_option(args, name):
-    """Remove `--name VALUE` or `--name=VALUE` from args; return (the last value or None, remaining args)."""
-    from engine.config import take_options
-    values, rest = take_options(args, name)
-    return (values[-1] if values else None), rest
 
 
 def main(argv):
@@ -62,11 +57,8 @@ def main(argv):
             from engine.train.loop import train
             train(cfg, log=print if parallel is None or parallel.writes else lambda *_: None, parallel=parallel)
     elif command == 'eval':
-        from engine.train.final import eval_checkpoint
-        path, rest = take_option(args, '--checkpoint')
-        if path is None:
-            raise UserError('eval needs --checkpoint PATH')
-        eval_checkpoint(path, rest)
+        from engine.eval_model import eval_model
+        eval_model(args)
     elif command == 'sweep':
         from engine.sweep import main as sweep_main
         files, rest = config.take_options(args, '-C', '--config-file')

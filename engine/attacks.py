@@ -1,4 +1,5 @@
-"""L-inf adversarial attacks shared by training and evaluation.
+"""Adversarial attacks shared by training and evaluation, in the L-inf or the L2 threat model (norm 'linf' | 'l2';
+eps and steps in pixel units of [0, 1] images for both; the L2 pieces are in engine/attacks_l2.py).
 
 Pure tensor functions: no host syncs (.item(), .cpu(), bool(tensor)) and Python loops only over the
 fixed step count, so a training step that calls them can run asynchronously on a GPU. Random starts
@@ -6,17 +7,21 @@ draw from torch's default generator, so saving/restoring its state reproduces th
 """
 import contextlib
 import dataclasses
+import inspect
 import logging
+import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.attacks_l2 import l2_start, pgd_l2_update
 from engine.errors import ConfigError
 from engine.precision import upcast
 
 LOSSES = ('ce', 'kl', 'cw')
+NORMS = ('linf', 'l2')
 STARTS = ('uniform', 'normal', 'none')
 BN_MODES = ('eval', 'train')
 # Confidence of the CW margin loss, as the common adversarial-training code (cwloss(..., confidence=50)):
@@ -90,11 +95,17 @@ def _attack_loss(logits: torch.Tensor, y: torch.Tensor, loss: str, p_clean: torc
 
 
 def random_start(x: torch.Tensor, eps: float, start: str, *, clamp: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """PGD's starting point: 'uniform' (x + U(-eps, eps), clipped to [0, 1] unless clamp is False), 'normal'
-    (x + 0.001 N(0, 1)), 'none'. generator None draws from torch's default generator on x's device (training);
-    a generator draws on its own device, in logical order and x's dtype, and the noise is then moved to x's device
-    (as the official evaluation scripts: torch.FloatTensor(*shape).uniform_(-eps, eps).cuda())."""
+                 generator: torch.Generator | None = None, norm: str = 'linf', groups: int = 1) -> torch.Tensor:
+    """PGD's starting point: 'uniform' (a random point of the norm's eps-ball: x + U(-eps, eps) for linf, see
+    engine.attacks_l2.l2_start for l2; clipped to [0, 1] unless clamp is False), 'normal' (x + 0.001 N(0, 1), for
+    either norm: TRADES' nudge off the flat KL, not a point of the ball), 'none'. generator None draws from torch's
+    default generator on x's device (training); a generator draws on its own device, in logical order and x's dtype,
+    and the noise is then moved to x's device (as the official evaluation scripts:
+    torch.FloatTensor(*shape).uniform_(-eps, eps).cuda()). groups: packed seeds in x's channels (l2 only: one norm
+    per example and seed)."""
+    _check_choice('norm', norm, NORMS)
+    if norm == 'l2' and start == 'uniform':
+        return l2_start(x, eps, groups=groups, clamp=clamp, generator=generator)
     if generator is not None and start != 'none':
         noise = torch.empty(x.shape, dtype=x.dtype, device=generator.device)
         if start == 'uniform':
@@ -128,30 +139,48 @@ def pgd_update(x_adv: torch.Tensor, grad: torch.Tensor, lower: torch.Tensor, upp
     return torch.min(torch.max(x_adv + step_size * grad.sign(), lower), upper).clamp(0, 1)
 
 
+UPDATES = {'linf': pgd_update, 'l2': pgd_l2_update}  # each norm's step and projection (the fast engine compiles it)
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
         loss: str = 'ce', start: str | Callable = 'uniform', bn_mode: str = 'eval',
         p_clean: torch.Tensor | None = None, loss_scale: float = 1.0, clamp_start: bool = True,
         generator: torch.Generator | None = None, objective: Callable = attack_objective,
-        update: Callable = pgd_update) -> torch.Tensor:
-    """L-inf PGD. Each step: x_adv = clamp(min(max(x_adv + step_size * sign(grad), x - eps), x + eps), 0, 1).
+        update: Callable | None = None, norm: str = 'linf') -> torch.Tensor:
+    """PGD in the L-inf (norm 'linf') or L2 ('l2') eps-ball around x, eps and step_size in pixel units. Each step:
+    linf: x_adv = clamp(min(max(x_adv + step_size * sign(grad), x - eps), x + eps), 0, 1);
+    l2: x_adv + step_size * grad / ||grad||_2, projected onto the L2 ball, clipped to [0, 1]
+    (engine.attacks_l2.pgd_l2_update; norms per example, and per seed for packed seeds).
 
     loss: 'ce' (cross entropy vs y), 'kl' (TRADES: sum KL(p_clean || softmax(f(x_adv))); p_clean defaults
     to softmax(f(x)) computed without grad in the attack's BN mode), 'cw' (margin, see cw_margin_loss).
-    start: 'uniform' (x + U(-eps, eps) clipped to [0, 1]), 'normal' (x + 0.001 N(0, 1)), 'none', or a callable
-    start(x, eps) -> starting point (packed seeds draw each seed's start from its own random stream).
+    start: 'uniform' (a random point of the eps-ball clipped to [0, 1], see random_start), 'normal'
+    (x + 0.001 N(0, 1)), 'none', or a callable start(x, eps) -> starting point (packed seeds draw each seed's start
+    from its own random stream); under l2 it is called start(x, eps, norm='l2') and must accept that keyword.
     clamp_start False keeps a uniform start unclipped (the official evaluation scripts); generator: where a named
     start draws its noise (see random_start; None = torch's default generator). Both are ignored by a callable.
     The model's logits may be [B, C] or [..., C] with y of shape [...] (packed seeds: [B, K, C] and [B, K]).
     bn_mode: 'eval' runs the attack in eval mode and restores the previous modes; 'train' leaves them.
     loss_scale multiplies the objective before the gradient (fp16: keeps input gradients from underflowing;
     the step uses only their sign). Gradients are taken w.r.t. the input only (parameters' .grad stay
-    untouched). objective and update: attack_objective and pgd_update, or compiled versions of them (the fast
-    engine's training.fused_attack: the model and the loss as one graph, the update as one kernel). Returns a
-    detached tensor of x's dtype, shape and memory format.
+    untouched). objective and update: attack_objective and the norm's UPDATES entry (None: that one), or compiled
+    versions of them (the fast engine's training.fused_attack: the model and the loss as one graph, the update as one
+    kernel); linf's update takes (x_adv, grad, lower, upper, step_size), l2's (x_adv, grad, x, eps, step_size,
+    groups). Returns a detached tensor of x's dtype, shape and memory format.
     """
     _check_choice('loss', loss, LOSSES)
-    if not callable(start):
+    _check_choice('norm', norm, NORMS)
+    if callable(start):
+        if norm != 'linf' and 'norm' not in inspect.signature(start).parameters:
+            # A start that draws L-inf noise only (e.g. one written before L2 existed) would silently start from a
+            # point of the wrong ball.
+            raise ConfigError(f"attack.norm={norm}: this attack's random start ({start.__qualname__}) draws "
+                              'L-inf starts only')
+    else:
         _check_choice('start', start, STARTS)
+    update = UPDATES[norm] if update is None else update
+    # Packed seeds: labels [B, K] for x [B, K*C, H, W]; the L2 norms are taken per example and seed.
+    groups = math.prod(y.shape[1:])
     x = x.detach()
     with _bn_context(model, bn_mode), input_gradient_only(model):
         if loss == 'kl':
@@ -159,28 +188,43 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_
                 with torch.no_grad():
                     p_clean = F.softmax(upcast(model(x)), dim=-1)
             p_clean = upcast(p_clean.detach())
-        x_adv = start(x, eps) if callable(start) else random_start(x, eps, start, clamp=clamp_start,
-                                                                        generator=generator)
-        lower, upper = x - eps, x + eps
+        if callable(start):
+            x_adv = start(x, eps) if norm == 'linf' else start(x, eps, norm=norm)
+        else:
+            x_adv = random_start(x, eps, start, clamp=clamp_start, generator=generator, norm=norm, groups=groups)
+        if norm == 'linf':
+            lower, upper = x - eps, x + eps
         for _ in range(steps):
             x_adv.requires_grad_(True)
             # enable_grad: the attack must work inside a caller's torch.no_grad() (e.g. evaluation).
             with torch.enable_grad():
                 value = objective(model, x_adv, y, loss, p_clean, loss_scale)
             (grad,) = torch.autograd.grad(value, x_adv)
-            x_adv = update(x_adv.detach(), grad, lower, upper, step_size)
+            if norm == 'linf':
+                x_adv = update(x_adv.detach(), grad, lower, upper, step_size)
+            else:
+                x_adv = update(x_adv.detach(), grad, x, eps, step_size, groups)
     return x_adv.detach()
 
 
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, bn_mode: str = 'eval') -> torch.Tensor:
-    """One signed cross-entropy gradient step of size eps from x (no random start), clipped to [0, 1]."""
-    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, loss='ce', start='none', bn_mode=bn_mode)
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, bn_mode: str = 'eval',
+         norm: str = 'linf') -> torch.Tensor:
+    """One cross-entropy gradient step of size eps from x (no random start), clipped to [0, 1]: signed for linf
+    (FGSM), normalized to L2 length eps for l2 (the fast gradient method)."""
+    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, loss='ce', start='none', bn_mode=bn_mode, norm=norm)
 
 
 def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
            bn_mode: str = 'eval') -> torch.Tensor:
     """CW-inf: PGD on the CW margin loss (uniform random start)."""
     return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, loss='cw', bn_mode=bn_mode)
+
+
+def cw(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
+       bn_mode: str = 'eval', norm: str = 'linf', generator: torch.Generator | None = None) -> torch.Tensor:
+    """CW margin PGD in the given norm's ball (uniform random start in that ball; generator: see random_start)."""
+    return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, loss='cw', bn_mode=bn_mode, norm=norm,
+               generator=generator)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +281,9 @@ PRESETS = {p.name: p for p in (
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str = 'standard',
                batch_size: int = 256, seed: int = 0, log_path: str | None = None, verbose: bool = False,
-               attacks_to_run: tuple[str, ...] = ()) -> torch.Tensor:
-    """AutoAttack (L-inf) via pyautoattack's run_standard_evaluation, in eval mode; returns x_adv.
+               attacks_to_run: tuple[str, ...] = (), norm: str = 'linf') -> torch.Tensor:
+    """AutoAttack via pyautoattack's run_standard_evaluation, in eval mode, in the norm's eps-ball (pyautoattack's
+    'Linf' or 'L2'; eps in pixel units); returns x_adv.
 
     version: 'standard', 'plus', 'rand' or 'custom' (then attacks_to_run names pyautoattack attacks, e.g.
     ('apgd-ce',)). AutoAttack reseeds torch's global generator; this runs it on a forked RNG state so
@@ -250,6 +295,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     from pyautoattack import AutoAttack
 
     _check_choice('AutoAttack version', version, ('standard', 'plus', 'rand', 'custom'))
+    _check_choice('norm', norm, NORMS)
     if (version == 'custom') != bool(attacks_to_run):
         raise ConfigError("AutoAttack attacks_to_run must be given exactly when version is 'custom'")
     logger = logging.getLogger('auto-attack')
@@ -262,8 +308,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     cuda_devices = [x.device] if x.device.type == 'cuda' else []
     try:
         with eval_mode(model), torch.random.fork_rng(devices=cuda_devices):
-            adversary = AutoAttack(model, norm='Linf', eps=eps, version=version, seed=seed, device=x.device,
-                                   attacks=list(attacks_to_run) if version == 'custom' else None)
+            adversary = AutoAttack(model, norm={'linf': 'Linf', 'l2': 'L2'}[norm], eps=eps, version=version, seed=seed,
+                                   device=x.device, attacks=list(attacks_to_run) if version == 'custom' else None)
             x_adv, _ = adversary.run_standard_evaluation(x.detach(), y.detach(), batch_size=batch_size)
     finally:
         for handler in handlers:

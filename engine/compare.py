@@ -1,123 +1,38 @@
-"""Many-seed comparison of finished runs: group by method, summarize each metric, test each method against a baseline.
+"""Many-seed comparison of finished runs: group them, summarize each metric, test each group against a baseline.
 
-`python run.py compare RUN_DIRS... [--out DIR] [--baseline NAME] [--group-by KEY]`. A run folder is one that holds
-params.json; it is complete once final.json exists. Incomplete runs are listed as skipped, failed runs (those with a
-failed.json: training diverged) as failed, and neither is ever counted; a metric a complete run recorded as null or
-NaN is listed as missing and left out of that metric's statistics. This module only builds the summary dict; the
-files (summary.json, summary.csv, report.md, PNGs) are formatted by writers/.
+`python run.py compare RUN_DIRS... [--out DIR] [--baseline NAME] [--group-by K1,K2] [--pool KEY] [--detect D]`.
+Runs are grouped by every config key that differs between them other than the seed (engine.grouping). A run
+folder is one that holds params.json; it is complete once final.json exists. Incomplete runs are listed as
+skipped, failed runs (those with a failed.json: training diverged) as failed, and neither is ever counted; a metric
+a complete run recorded as null or NaN is listed as missing and left out of that metric's statistics. This module
+only builds the summary dict; the files (summary.json, summary.csv, report.md, PNGs) are formatted by writers/.
 """
 import argparse
 import json
 import math
 import os
-from dataclasses import dataclass, field
 
-from engine import stats
+import numpy as np
+
+from engine import grouping, paired_stats, stats
+from engine.grouping import Run, find_run_dirs, load_run, read_failure  # noqa: F401 (the readers, re-exported)
 from engine.errors import UserError
 from writers import plots, report
 from writers.atomic import write_json_atomic
 
-ROWS = ("best", "final")
-ROW_COLUMNS = ("clean", "pgd", "cw", "autoattack", "worst")
+# Rows of final.json; the ema_ rows exist in runs trained with training.weight_ema.
+ROWS = ("best", "final", "ema_best", "ema_final")
+ATTACK_COLUMNS = ("clean", "fgsm", "pgd", "cw", "autoattack", "worst")
+# Calibration columns (ECE in percent, NLL in nats): lower is better.
+CALIBRATION_COLUMNS = ("ece_clean", "nll_clean", "ece_pgd", "nll_pgd")
 # Per-run quantities derived from the rows / curves rather than read off one column.
 OVERFIT_GAP = "robust_overfit_gap"  # best.pgd - final.pgd: how much robust accuracy late training lost
 TRAIN_TEST_GAP = "train_test_robust_gap"  # metrics.jsonl robust_gap at the last evaluated epoch
-METRICS = tuple(f"{row}.{column}" for row in ROWS for column in ROW_COLUMNS) + (OVERFIT_GAP, TRAIN_TEST_GAP)
+GAPS = (OVERFIT_GAP, TRAIN_TEST_GAP)
+DEFAULT_DETECT = 1.0  # points: the difference the seeds-needed figure is also given for
 # Final-json settings that must agree for accuracies to be comparable across runs (else a warning in the report).
 COMPARABILITY_SETTINGS = ("eps", "pgd_steps", "n")
 DEFAULT_BASELINE = "at"
-
-
-@dataclass
-class Run:
-    path: str
-    params: dict
-    metrics: list = field(default_factory=list)  # one dict per epoch, in file order
-    final: dict | None = None  # None while the run is unfinished
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: malformed JSON ({error}); fix or delete the file, or re-run that training") from None
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror})") from None
-
-
-def _read_jsonl(path):
-    records = []
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{path}: line {line_number} is malformed JSON ({error})") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}: line {line_number} is not a JSON object (one per epoch expected)")
-                records.append(record)
-    except OSError as error:
-        raise UserError(f"{path}: cannot read ({error.strerror})") from None
-    return records
-
-
-def load_run(path):
-    """Read one run folder. params.json is required; metrics.jsonl and final.json are read when present.
-
-    Raises UserError naming the file when one is malformed or a required key is missing.
-    """
-    params = _read_json(os.path.join(path, "params.json"))
-    if not isinstance(params, dict):
-        raise UserError(f"{os.path.join(path, 'params.json')}: expected a JSON object of flat config keys")
-    metrics_path = os.path.join(path, "metrics.jsonl")
-    metrics = _read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
-    final_path = os.path.join(path, "final.json")
-    final = None
-    if os.path.exists(final_path):
-        final = _read_json(final_path)
-        if not isinstance(final, dict) or not isinstance(final.get("rows"), dict):
-            raise UserError(f"{final_path}: expected an object with a 'rows' object (best/final accuracies)")
-    return Run(path=path, params=params, metrics=metrics, final=final)
-
-
-def find_run_dirs(paths):
-    """Run folders (those with params.json) at or below each path, in sorted order, each listed once.
-
-    A run folder is not searched further: its subfolders (checkpoints, plots) are part of that run.
-    """
-    found = []
-    for top in paths:
-        if not os.path.isdir(top):
-            raise UserError(f"{top}: no such folder (expected a run folder or a sweep folder holding runs)")
-        for folder, subfolders, files in os.walk(top):
-            subfolders.sort()
-            if "params.json" in files:
-                found.append(folder)
-                subfolders.clear()
-    unique = list(dict.fromkeys(os.path.realpath(folder) for folder in found))
-    if not unique:
-        raise UserError(f"no run folders (folders with params.json) under: {', '.join(paths)}")
-    return unique
-
-
-def read_failure(path):
-    """The 'failed' entry of a run folder holding failed.json (written by the training loop when the loss or the
-    weights stopped being finite). A damaged failed.json still marks the run failed: it is left out either way."""
-    try:
-        record = _read_json(os.path.join(path, "failed.json"))
-    except UserError as error:
-        record = {"reason": f"unreadable failed.json ({error})"}
-    if not isinstance(record, dict):
-        record = {"reason": "failed.json is not a JSON object"}
-    epoch = record.get("epoch")
-    return {"path": path, "epoch": epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
-            "reason": str(record.get("reason") or "training failed"),
-            "value": None if record.get("value") is None else str(record["value"]),
-            "time": None if record.get("time") is None else str(record["time"])}
 
 
 def _is_number(value):
@@ -125,14 +40,31 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def row_values(final, row):
+    """final.json row `row`, with the values of the row it is marked the same as ("same_as": "best": final was
+    evaluated once with best, both being the same epoch) filled in; {} when the run has no such row."""
+    rows = final["rows"]
+    values = rows.get(row)
+    if not isinstance(values, dict):
+        return {}
+    same_as = values.get("same_as")
+    if isinstance(same_as, str) and isinstance(rows.get(same_as), dict):
+        return {**rows[same_as], **{k: v for k, v in values.items() if k != "same_as"}}
+    return values
+
+
+def _row_columns(run):
+    presets = run.final.get("settings", {}).get("presets") or {}
+    return ATTACK_COLUMNS + tuple(sorted(presets)) + CALIBRATION_COLUMNS
+
+
 def _recorded(run):
     """[(metric, file, raw value)] of every metric the run recorded, whether or not the value is a number."""
     entries = []
     for row in ROWS:
-        row_values = run.final["rows"].get(row) or {}
-        if isinstance(row_values, dict):
-            entries += [(f"{row}.{column}", "final.json", row_values[column])
-                        for column in ROW_COLUMNS if column in row_values]
+        values = row_values(run.final, row)
+        entries += [(f"{row}.{column}", "final.json", values[column]) for column in _row_columns(run)
+                    if column in values]
     # Epochs without evaluation carry no robust_gap, so take the last epoch that has one.
     evaluated = [record for record in run.metrics if "robust_gap" in record]
     if evaluated:
@@ -155,14 +87,24 @@ def missing_values(run):
             for metric, file, value in _recorded(run) if not _is_number(value)]
 
 
-def _group_runs(runs, group_by):
-    groups = {}
-    for run in runs:
-        if group_by not in run.params:
-            raise UserError(f"{run.path}/params.json has no key '{group_by}' to group by; "
-                            f"use --group-by with one of: {', '.join(sorted(run.params))}")
-        groups.setdefault(str(run.params[group_by]), []).append(run)
-    return dict(sorted(groups.items()))
+def metric_names(runs):
+    """Every metric some run recorded, in a fixed order: rows, then columns (attacks, presets, calibration), then
+    the gaps."""
+    recorded = {metric for run in runs for metric in run_metric_values(run)}
+    recorded |= {metric for run in runs for metric, _, _ in _recorded(run)}
+    columns = list(dict.fromkeys(column for run in runs for column in _row_columns(run)))
+    ordered = [f"{row}.{column}" for row in ROWS for column in columns] + list(GAPS)
+    return [metric for metric in ordered if metric in recorded]
+
+
+def metric_info(metric):
+    """How a metric reads: lower_is_better, its limits (CIs are clipped to them) and those of a difference."""
+    column = metric.split(".")[-1]
+    if column.startswith("nll"):
+        return {"lower_is_better": True, "limits": None, "diff_limits": None}
+    if metric in GAPS:
+        return {"lower_is_better": True, "limits": [-100.0, 100.0], "diff_limits": [-200.0, 200.0]}
+    return {"lower_is_better": column.startswith("ece"), "limits": [0.0, 100.0], "diff_limits": [-100.0, 100.0]}
 
 
 def _paired_blocker(base_runs, other_runs):
@@ -184,17 +126,29 @@ def _paired_blocker(base_runs, other_runs):
     return None
 
 
-def _compare_metric(base_seeded, other_seeded, paired_blocker):
+def _seeds_needed(base_values, other_values, observed, detect):
+    """Seeds per arm (two-sample t, 80% power, alpha 0.05) for the observed difference and for `detect`."""
+    sd = stats.pooled_sd(other_values, base_values)
+    return {"sd": sd, **{name: {"delta": delta, **(stats.seeds_needed(sd, delta) or {"n": None, "more_than": None})}
+                         for name, delta in (("observed", observed), ("detect", detect))}}
+
+
+def _compare_metric(base_seeded, other_seeded, paired_blocker, info, detect):
     """Welch test + Cohen's d always; paired test + d_z when pairing is valid and every seed has this metric.
 
     base_seeded / other_seeded: [(training.seed, value)] of the runs that recorded this metric.
     """
     base_values, other_values = [v for _, v in base_seeded], [v for _, v in other_seeded]
     if len(base_values) < 2 or len(other_values) < 2:
-        return {"welch": None, "cohens_d": None, "paired": None, "dz": None,
+        return {"welch": None, "cohens_d": None, "paired": None, "dz": None, "seeds_needed": None,
                 "note": "needs at least 2 runs per method"}
-    result = {"welch": stats.welch(other_values, base_values), "cohens_d": stats.cohens_d(other_values, base_values),
-              "paired": None, "dz": None, "note": paired_blocker}
+    welch = stats.welch(other_values, base_values)
+    welch["ci95"] = stats.clip_interval(welch["ci95"], info["diff_limits"])
+    result = {"welch": welch, "cohens_d": stats.cohens_d(other_values, base_values), "paired": None, "dz": None,
+              # --detect is in accuracy points: no such figure for a metric in other units (NLL).
+              "seeds_needed": _seeds_needed(base_values, other_values, welch["diff"],
+                                            detect if info["diff_limits"] is not None else None),
+              "note": paired_blocker}
     if paired_blocker is not None:
         return result
     # Seeds are unique within each group here (the blocker checks), so these dicts lose nothing.
@@ -206,8 +160,62 @@ def _compare_metric(base_seeded, other_seeded, paired_blocker):
     other_paired = [other_by_seed[seed] for seed in seeds]
     base_paired = [base_by_seed[seed] for seed in seeds]
     result["paired"] = stats.paired(other_paired, base_paired)
+    result["paired"]["ci95"] = stats.clip_interval(result["paired"]["ci95"], info["diff_limits"])
     result["dz"] = stats.cohens_dz(other_paired, base_paired)
     return result
+
+
+def _add_holm(by_metric):
+    """p_holm beside each Welch and paired p: Holm over the metrics of this one comparison."""
+    for test in ("welch", "paired"):
+        tested = [metric for metric, result in by_metric.items() if (result.get(test) or {}).get("p") is not None]
+        for metric, adjusted in zip(tested, stats.holm([by_metric[metric][test]["p"] for metric in tested])):
+            by_metric[metric][test]["p_holm"] = adjusted
+
+
+def _examples(run, row):
+    """The run's examples/<row>.csv (or that of the row it is marked the same as), None when it has none."""
+    if row not in run.examples:
+        same_as = (run.final["rows"].get(row) or {}).get("same_as")
+        paths = [os.path.join(run.path, "examples", f"{name}.csv") for name in (row, same_as) if name]
+        path = next((path for path in paths if os.path.exists(path)), None)
+        run.examples[row] = None if path is None else grouping.read_examples(path)
+    return run.examples[row]
+
+
+def _paired_examples(base_runs, other_runs, row, blocker):
+    """Per-example statistics of one row for one comparison: {"note"} when they cannot be computed, else
+    {"n_images", "columns": {attack: paired_stats.compare_examples(...)}}."""
+    runs = base_runs + other_runs
+    tables = [_examples(run, row) for run in runs]
+    if all(table is None for table in tables):
+        return None
+    if any(table is None for table in tables):
+        lacking = [run.path for run, table in zip(runs, tables) if table is None]
+        return {"note": f"{len(lacking)} run(s) have no examples/{row}.csv (older runs): {', '.join(lacking[:3])}"}
+    orders = [np.argsort(table["index"]) for table in tables]
+    index, label = tables[0]["index"][orders[0]], tables[0]["label"][orders[0]]
+    for run, table, order in zip(runs, tables, orders):
+        if not np.array_equal(table["index"][order], index):
+            return {"note": f"{run.path}/examples/{row}.csv holds other test images than {runs[0].path}'s: not paired"}
+        if not np.array_equal(table["label"][order], label):
+            return {"note": f"{run.path}/examples/{row}.csv gives other labels for the same images: not paired"}
+    seeds = [run.params.get("training.seed") for run in runs]
+    # Keyed by seed to pair seeds; by position when a seed repeats (then nothing is paired by seed).
+    keys = seeds if blocker is None else list(range(len(runs)))
+    columns = {}
+    shared = [name for name in tables[0]["columns"] if all(name in table["columns"] for table in tables)]
+    for name in shared:
+        matrix = np.array([table["columns"][name][order] for table, order in zip(tables, orders)])
+        present = np.all(np.isfinite(matrix), axis=0)  # images every run evaluated under this attack
+        if not present.any():
+            continue
+        arms = [{key: matrix[i, present] for i, key in enumerate(keys) if (i < len(base_runs)) == is_base}
+                for is_base in (True, False)]
+        result = paired_stats.compare_examples(arms[1], arms[0], paired_seeds=blocker is None)
+        result["bootstrap"]["ci95"] = stats.clip_interval(result["bootstrap"]["ci95"], (-100.0, 100.0))
+        columns[name] = result
+    return {"n_images": int(index.size), "columns": columns, "note": None}
 
 
 def _settings_warnings(runs):
@@ -219,18 +227,23 @@ def _settings_warnings(runs):
     return warnings
 
 
-def build_summary(runs, skipped, *, failed=(), baseline=None, group_by="method.name"):
-    """The summary dict for complete runs: per-group metric summaries and per-method tests against the baseline;
-    skipped (unfinished) and failed runs are only listed."""
+def _group_by_keys(group_by):
+    if group_by is None or isinstance(group_by, (list, tuple)):
+        return group_by
+    return [key.strip() for key in str(group_by).split(",") if key.strip()]
+
+
+def build_summary(runs, skipped, *, failed=(), baseline=None, group_by=None, pool=(), detect=DEFAULT_DETECT):
+    """The summary dict for complete runs: the setting, per-group metric summaries and per-group tests against the
+    baseline (seed level, and image by image where the runs wrote examples/); skipped (unfinished) and failed runs
+    are only listed. group_by: None (every differing key), or keys (a list, or 'k1,k2'); pool: keys pooled over."""
     if not runs:
         raise UserError(f"no finished run to compare: {len(skipped)} unfinished (no final.json), {len(failed)} failed"
                         + "".join(f"; {item['path']}: failed at epoch {item['epoch']} ({item['reason']})"
                                   for item in list(failed)[:3]))
-    groups = _group_runs(runs, group_by)
-    if baseline is None:
-        baseline = DEFAULT_BASELINE if DEFAULT_BASELINE in groups else next(iter(groups))
-    elif baseline not in groups:
-        raise UserError(f"baseline '{baseline}' is not among the {group_by} values: {', '.join(groups)}")
+    groups, keys, pooled, differs = grouping.group_runs(runs, _group_by_keys(group_by), tuple(pool))
+    baseline = grouping.resolve_baseline(groups, baseline, DEFAULT_BASELINE)
+    metrics = metric_names(runs)
 
     # {group: {metric: [(seed, value)]}}: the seed lets the paired test line runs up.
     values_by_group = {}
@@ -241,32 +254,46 @@ def build_summary(runs, skipped, *, failed=(), baseline=None, group_by="method.n
             for metric, value in run_metric_values(run).items():
                 by_metric.setdefault(metric, []).append((run.params.get("training.seed"), value))
         values_by_group[name] = by_metric
+        group_metrics = {}
+        for metric in (metric for metric in metrics if metric in by_metric):
+            stat = stats.summary([v for _, v in by_metric[metric]])
+            for ci in ("ci95_t", "ci95_boot"):
+                stat[ci] = stats.clip_interval(stat[ci], metric_info(metric)["limits"])
+            group_metrics[metric] = {**stat, "values": [v for _, v in by_metric[metric]]}
         summary_groups[name] = {
             "n_runs": len(group_runs),
             "seeds": [run.params.get("training.seed") for run in group_runs],
             "runs": [run.path for run in group_runs],
-            "metrics": {metric: {**stats.summary([v for _, v in by_metric[metric]]),
-                                 "values": [v for _, v in by_metric[metric]]}
-                        for metric in METRICS if metric in by_metric},
+            "params": grouping.common_params(group_runs),
+            "metrics": group_metrics,
         }
 
-    comparisons = {}
+    comparisons, per_example = {}, {}
     for name, group_runs in groups.items():
         if name == baseline:
             continue
         blocker = _paired_blocker(groups[baseline], group_runs)
         comparisons[name] = {
-            metric: _compare_metric(values_by_group[baseline][metric], values_by_group[name][metric], blocker)
-            for metric in METRICS
+            metric: _compare_metric(values_by_group[baseline][metric], values_by_group[name][metric], blocker,
+                                    metric_info(metric), detect)
+            for metric in metrics
             if metric in values_by_group[baseline] and metric in values_by_group[name]
         }
+        _add_holm(comparisons[name])
+        rows = {row: _paired_examples(groups[baseline], group_runs, row, blocker) for row in ROWS}
+        per_example[name] = {row: result for row, result in rows.items() if result is not None}
 
     return {
-        "group_by": group_by,
+        "setting": grouping.setting(runs, differs),
+        "group_by": keys,
+        "pooled": pooled,
         "baseline": baseline,
-        "metrics": list(METRICS),
+        "detect": detect,
+        "metrics": metrics,
+        "metric_info": {metric: metric_info(metric) for metric in metrics},
         "groups": summary_groups,
         "comparisons": comparisons,
+        "paired_examples": per_example,
         "skipped": skipped,
         "failed": list(failed),
         "missing": [entry for run in runs for entry in missing_values(run)],
@@ -275,15 +302,7 @@ def build_summary(runs, skipped, *, failed=(), baseline=None, group_by="method.n
     }
 
 
-def _curves_by_group(runs, group_by):
-    """{group: [per-epoch metric dicts of each run]}, the input the curve plots average over seeds."""
-    curves = {}
-    for run in runs:
-        curves.setdefault(str(run.params[group_by]), []).append(run.metrics)
-    return dict(sorted(curves.items()))
-
-
-def compare(run_dirs, out_dir, *, baseline=None, group_by="method.name"):
+def compare(run_dirs, out_dir, *, baseline=None, group_by=None, pool=(), detect=DEFAULT_DETECT):
     """Compare the complete runs in run_dirs (run or sweep folders) and write summary.json, summary.csv,
     report.md and PNG plots into out_dir. Returns the summary dict (as written to summary.json)."""
     runs, skipped, failed = [], [], []
@@ -297,9 +316,13 @@ def compare(run_dirs, out_dir, *, baseline=None, group_by="method.name"):
             continue
         runs.append(load_run(path))
 
-    summary = build_summary(runs, skipped, failed=failed, baseline=baseline, group_by=group_by)
+    summary = build_summary(runs, skipped, failed=failed, baseline=baseline, group_by=group_by, pool=pool,
+                            detect=detect)
     os.makedirs(out_dir, exist_ok=True)
-    written_plots = plots.write_plots(_curves_by_group(runs, group_by), summary, out_dir)
+    # {group: [per-epoch metric dicts of each run]}, the input the curve plots average over seeds.
+    curves = {name: [run.metrics for run in runs if run.path in set(group["runs"])]
+              for name, group in summary["groups"].items()}
+    written_plots = plots.write_plots(curves, summary, out_dir)
     summary["plots"] = [os.path.relpath(path, out_dir) for path in written_plots]
     write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     report.write_summary_csv(summary, os.path.join(out_dir, "summary.csv"))
@@ -311,12 +334,20 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="run.py compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or sweep folders holding runs")
     parser.add_argument("--out", help="output folder (default: <common parent of RUN_DIRs>/compare)")
-    parser.add_argument("--baseline", help=f"group every other method is tested against (default: "
-                                           f"'{DEFAULT_BASELINE}' if present, else the first alphabetically)")
-    parser.add_argument("--group-by", default="method.name", help="params.json key that names a group")
+    parser.add_argument("--baseline", help=f"group every other group is tested against: a group name, or a method "
+                                           f"name that identifies one group (default: '{DEFAULT_BASELINE}' if "
+                                           f"present, else the first group alphabetically)")
+    parser.add_argument("--group-by", help="params.json keys that name a group, comma-separated (default: every key "
+                                           "whose value differs between the runs, other than training.seed)")
+    parser.add_argument("--pool", action="append", default=[], metavar="KEY",
+                        help="pool runs that differ in this params.json key into one group (repeatable)")
+    parser.add_argument("--detect", type=float, default=DEFAULT_DETECT, metavar="POINTS",
+                        help=f"difference (accuracy points) the seeds-needed figure is given for, besides the "
+                             f"observed one (default {DEFAULT_DETECT})")
     args = parser.parse_args(argv)
     out_dir = args.out or os.path.join(os.path.commonpath([os.path.abspath(p) for p in args.run_dirs]), "compare")
-    summary = compare(args.run_dirs, out_dir, baseline=args.baseline, group_by=args.group_by)
+    summary = compare(args.run_dirs, out_dir, baseline=args.baseline, group_by=args.group_by, pool=args.pool,
+                      detect=args.detect)
     counted = sum(group["n_runs"] for group in summary["groups"].values())
     print(f"compared {counted} runs in {len(summary['groups'])} groups ({len(summary['skipped'])} skipped, "
           f"{len(summary['failed'])} failed); "

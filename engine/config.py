@@ -13,6 +13,7 @@ engine.models, engine.methods); the method section's keys are declared next to t
 """
 import difflib
 import json
+import math
 import re
 import sys
 
@@ -20,7 +21,7 @@ import yaml
 from fastargs import Config, Param, Section
 from fastargs.dict_utils import NestedNamespace
 
-from engine.attacks import BN_MODES, PRESETS
+from engine.attacks import BN_MODES, NORMS, PRESETS
 from engine.config_checks import Names, P, Rule, is_folder_name
 from engine.data.datasets import DATASETS
 from engine.errors import ConfigError
@@ -62,13 +63,22 @@ def declare(config):
         normalize=P(bool, False, 'normalize inputs inside the model (off in the official code)'),
         mean=P(tuple, (), 'per-channel mean for normalize (empty = the dataset\'s statistics)', of=float),
         std=P(tuple, (), 'per-channel std for normalize (empty = the dataset\'s statistics)', of=float, low=1e-12),
+        factory=P(str, '', 'run.py eval only: package.module:function returning an nn.Module that takes inputs in '
+                  '[0, 1] (instead of model.arch; "" = model.arch)'),
     )
-    section('attack', 'Training attack (L-inf PGD); eps and step in units of 1/255').params(
-        eps=P(float, 8.0, 'L-inf radius, in 1/255 (at most 255, the whole image range)', low=0.0, high=255.0),
-        step_size=P(float, 2.0, 'PGD step, in 1/255 (> 0: a step of 0 leaves the attack a no-op)', low=0.0,
-                    above=True),
+    section('attack', 'Training attack (PGD in the attack.norm ball); eps and step in 1/255 for linf (8 = 8/255), '
+                      'in pixel units of [0, 1] images for l2 (0.5 = 0.5)').params(
+        norm=P(str, 'linf', 'threat model: linf (eps and step in 1/255) or l2 (eps and step in pixel units of [0, 1] '
+               'images, e.g. 0.5)', choices=NORMS),
+        eps=P(float, 8.0, 'radius: linf in 1/255 (at most 255, the whole image range; below 1 needs '
+              'attack.confirm_eps); l2 in pixel units (at most sqrt(C*H*W), the diameter of the image range: 55.4 '
+              'for CIFAR; above 5 needs attack.confirm_eps)', low=0.0, high=255.0),
+        step_size=P(float, 2.0, 'PGD step, in the units of eps (linf 1/255, l2 pixel units; > 0: a step of 0 leaves '
+                    'the attack a no-op)', low=0.0, above=True),
         steps=P(int, 10, 'PGD steps', low=1),
         bn_mode=P(str, 'eval', 'BatchNorm mode while attacking (official code: eval)', choices=BN_MODES),
+        confirm_eps=P(bool, False, 'allow an attack.eps that looks given in the other unit: linf below 1 (pixel units '
+                      'given as 1/255?), l2 above 5 (1/255 given as pixel units?) or an l2 step_size above eps'),
     )
     section('method', 'Training objective (engine/methods.py)').params(
         name=P(str, 'at', 'the training objective (engine/methods.py: at = PGD-AT, sgls = SGLS on AT)',
@@ -134,6 +144,8 @@ def declare(config):
         autoattack_n=P(int, 0, 'test images for AutoAttack (0 = final_n)', low=0),
         autoattack_version=P(str, 'standard', 'AutoAttack version', choices=('standard', 'plus', 'rand')),
         batch_size=P(int, 512, 'evaluation batch size', low=1),
+        seed=P(int, 0, 'seed of every random draw of the final table and of run.py eval (PGD and CW starts, presets, '
+               'AutoAttack): the same checkpoint gives the same numbers'),
         presets=Param(Names(PRESETS), 'named PGD evaluations of the papers\' code (engine/attacks.py PRESETS), one '
                       'final-table column each, with their own eps/step/steps/start', default=()),
     )
@@ -310,8 +322,42 @@ def _check_milestones(cfg):
          f'({epochs}): {outcome}')
 
 
+# attack.norm=l2: an eps above this (in pixel units) is refused unless confirmed. Published L2 radii are 0.1-3 (CIFAR
+# 0.25-1, ImageNet 3), while L-inf radii in 1/255 are 2-16: an l2 eps of 8 is most likely 8/255 meant for L-inf.
+L2_EPS_CONFIRM_ABOVE = 5.0
+
+
+def _check_attack_units(cfg):
+    """Refuse an attack.eps that looks given in the other norm's unit (unless attack.confirm_eps) and an L2 radius
+    larger than the image range's diameter (every image of the range is then inside the ball)."""
+    a = cfg.attack
+    if a.norm == 'linf' and 0 < a.eps < 1 and not a.confirm_eps:
+        raise ConfigError(f"'attack.eps' {a.eps:g} with attack.norm=linf is in units of 1/255 (8 means 8/255), so "
+                          f'this is {a.eps:g}/255 = {a.eps / 255:.2g} in pixel units: if you meant {a.eps:g} in pixel '
+                          f'units give {a.eps * 255:g}; to train at {a.eps:g}/255 indeed, set '
+                          "'attack.confirm_eps' true")
+    if a.norm != 'l2':
+        return
+    d = cfg.data
+    shape = DATASETS[d.dataset].shape or tuple(d.synthetic_shape)
+    diameter = math.sqrt(math.prod(shape))
+    if a.eps > diameter:
+        raise ConfigError(f"'attack.eps' {a.eps:g} with attack.norm=l2 (pixel units) is larger than the L2 diameter "
+                          f"of {'x'.join(map(str, shape))} images in [0, 1] (sqrt({math.prod(shape)}) = "
+                          f'{diameter:.3g}): the ball would hold every image')
+    if a.eps > L2_EPS_CONFIRM_ABOVE and not a.confirm_eps:
+        raise ConfigError(f"'attack.eps' {a.eps:g} with attack.norm=l2 is in pixel units of [0, 1] images (typical "
+                          f'L2 radii: 0.1-3, e.g. 0.5 on CIFAR): above {L2_EPS_CONFIRM_ABOVE:g} it looks like an '
+                          "L-inf eps in 1/255; to train at this L2 radius indeed, set 'attack.confirm_eps' true")
+    if a.step_size > a.eps and not a.confirm_eps:  # e.g. the default step 2 (2/255 for linf) left with eps 0.5
+        raise ConfigError(f"'attack.step_size' {a.step_size:g} with attack.norm=l2 (pixel units) is larger than "
+                          f"'attack.eps' {a.eps:g}: give the step in pixel units too, e.g. 2.5 * eps / steps = "
+                          f"{2.5 * a.eps / a.steps:.3g} (Madry et al.), or set 'attack.confirm_eps' true")
+
+
 def _check_consistency(cfg):
     """Rules across fields, checked before any work is done."""
+    _check_attack_units(cfg)
     if cfg.method.label_noise != 'none' and cfg.method.noise_rate == 0:
         raise ConfigError("'method.noise_rate' must be > 0 when 'method.label_noise' is set")
     t = cfg.training

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from engine.attacks import attack_objective, pgd_update
+from engine.attacks import UPDATES, attack_objective
 from engine.errors import ConfigError
 from engine.fold_bn import fold_bn as fold_bn_view
 from engine.precision import AUTOCAST, resolve_precision
@@ -46,7 +46,11 @@ class FastStep:
         self.attack_model, self.attack_kernels = self.eval_net, {}
         if fused_attack and compile:  # the model is compiled inside the objective: one graph with the loss
             self.attack_model = attack_model
-            self.attack_kernels = dict(objective=maybe_compile(attack_objective), update=maybe_compile(pgd_update))
+            objective = maybe_compile(attack_objective)
+            # One update kernel per norm (attack.norm), the one the attack's norm needs: torch.compile traces lazily,
+            # so the unused one costs nothing.
+            self.attack_kernels = {norm: dict(objective=objective, update=maybe_compile(update))
+                                   for norm, update in UPDATES.items()}
         dtype = AUTOCAST.get(self.precision)
         self.graphed = None
         if cuda_graphs and device.type == 'cuda':
@@ -62,7 +66,7 @@ class FastStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
     def _step(self, optimizer, batch, *, attack, seeds=SINGLE, **kw):
-        attack = dict(attack, **self.attack_kernels)
+        attack = dict(attack, **self.attack_kernels.get(attack.get('norm', 'linf'), {}))
         if self.scaler.is_enabled():
             attack['loss_scale'] = FP16_ATTACK_LOSS_SCALE
         if self.channels_last:

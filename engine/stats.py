@@ -5,12 +5,21 @@ can go straight into summary.json. Where a quantity is undefined (one seed, zero
 NaN: a reader of the JSON or the report then sees "not available" instead of a number that looks like one.
 """
 import numpy as np
+from scipy.stats import nct
 from scipy.stats import t as student_t
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 # A fixed seed makes the bootstrap CI a deterministic function of the data: re-running a report gives the same numbers.
 BOOTSTRAP_SEED = 0
+# Below this many seeds a percentile bootstrap of the mean is not reported: with n values there are only
+# C(2n-1, n) distinct resamples (10 for n = 3, 35 for n = 4), and the percentile interval of so few, drawn from
+# the sample's own range, is far too narrow (its coverage of a 95% interval is about 75% at n = 3).
+MIN_BOOTSTRAP_N = 5
+# Seeds-needed search: alpha and power of the planned two-sample t-test, and the largest n per arm tried.
+POWER_ALPHA = 0.05
+POWER_TARGET = 0.8
+POWER_MAX_N = 1000
 
 
 def _as_sample(values, name="values"):
@@ -49,7 +58,8 @@ def summary(values):
     """n, mean, std (ddof=1), sem, ci95_t (Student t) and ci95_boot (percentile bootstrap, fixed seed, B=10000).
 
     With n=1 the spread is unknown: std, sem, ci95_t and ci95_boot are None (only n and mean are meaningful).
-    With n>=2 and identical values the spread is a genuine 0 and both CIs collapse to (mean, mean).
+    ci95_boot is None below MIN_BOOTSTRAP_N values (see there). With n>=2 and identical values the spread is a
+    genuine 0 and both CIs collapse to (mean, mean).
     """
     sample = _as_sample(values)
     n = int(sample.size)
@@ -64,7 +74,7 @@ def summary(values):
         "std": std,
         "sem": float(sem),
         "ci95_t": _interval(mean, _t_quantile(n - 1) * sem),
-        "ci95_boot": bootstrap_mean_ci(sample),
+        "ci95_boot": bootstrap_mean_ci(sample) if n >= MIN_BOOTSTRAP_N else None,
     }
 
 
@@ -169,3 +179,67 @@ def column_mean_ci95(matrix):
         half_width = student_t.ppf(0.5 + CONFIDENCE / 2, np.maximum(count - 1, 1)) * sem
     half_width = np.where(count >= 2, half_width, np.nan)
     return count, mean, mean - half_width, mean + half_width
+
+
+def clip_interval(bounds, limits):
+    """bounds clipped to limits (low, high): a t interval of an accuracy can pass 0% or 100%, the accuracy cannot.
+
+    None stays None; limits None leaves bounds as they are (a quantity without natural bounds, e.g. an NLL diff)."""
+    if bounds is None or limits is None:
+        return bounds
+    low, high = limits
+    return (float(min(max(bounds[0], low), high)), float(min(max(bounds[1], low), high)))
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family of m p-values (None entries are not tested and stay None).
+
+    With the tested p-values sorted ascending p_(1) <= ... <= p_(m):
+        adjusted p_(i) = max over j <= i of min(1, (m - j + 1) * p_(j)),
+    returned in the input order. Rejecting where adjusted p < alpha controls the family-wise error rate at alpha.
+    """
+    tested = [(p, index) for index, p in enumerate(p_values) if p is not None]
+    adjusted = [None] * len(p_values)
+    m, running = len(tested), 0.0
+    for rank, (p, index) in enumerate(sorted(tested)):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[index] = float(running)
+    return adjusted
+
+
+def t_test_power(n, sd, delta, alpha=POWER_ALPHA):
+    """Power of the two-sided two-sample t-test with n runs per arm (equal n, pooled SD sd) at true difference delta.
+
+    df = 2n - 2, noncentrality ncp = delta / (sd * sqrt(2 / n)), t_crit = t.ppf(1 - alpha / 2, df):
+        power = P(T > t_crit) + P(T < -t_crit),  T ~ noncentral t(df, ncp).
+    n may be an array (vectorised over n)."""
+    n = np.asarray(n, dtype=np.float64)
+    df = 2 * n - 2
+    ncp = abs(delta) / (sd * np.sqrt(2 / n))
+    t_crit = student_t.ppf(1 - alpha / 2, df)
+    return nct.sf(t_crit, df, ncp) + nct.cdf(-t_crit, df, ncp)
+
+
+def seeds_needed(sd, delta, *, alpha=POWER_ALPHA, power=POWER_TARGET, max_n=POWER_MAX_N):
+    """Seeds per arm for the two-sample t-test to detect delta with the given power: the smallest n in 2..max_n with
+    t_test_power(n, sd, delta, alpha) >= power (see there for the formula; power grows with n).
+
+    {"n": that n, or None, "more_than": max_n when even max_n seeds are not enough (delta 0 included), else None}.
+    None (no estimate) when sd is None or 0 or not finite: the spread is unknown, or no noise is seen at all."""
+    if sd is None or not np.isfinite(sd) or sd <= 0 or delta is None or not np.isfinite(delta):
+        return None
+    candidates = np.arange(2, max_n + 1)
+    reached = np.flatnonzero(t_test_power(candidates, sd, delta, alpha) >= power)
+    if reached.size == 0:
+        return {"n": None, "more_than": int(max_n)}
+    return {"n": int(candidates[reached[0]]), "more_than": None}
+
+
+def pooled_sd(a, b):
+    """sqrt(((na-1) sa^2 + (nb-1) sb^2) / (na + nb - 2)), the SD Cohen's d divides by; None without a df left."""
+    a, b = _as_sample(a, "a"), _as_sample(b, "b")
+    dof = a.size + b.size - 2
+    if dof < 1:
+        return None
+    ss = sum((x.size - 1) * x.var(ddof=1) for x in (a, b) if x.size > 1)
+    return float(np.sqrt(ss / dof))

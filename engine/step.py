@@ -58,7 +58,7 @@ def train_step(model, optimizer, batch, *, method, attack, soft_labels, epoch, s
     """attack -> loss -> backward -> SGD step on batch = (x, y, idx); returns the step's statistics, a [K, 4]
     float64 device tensor (columns STATS; K = seeds.k, 1 for one model).
 
-    attack: pgd() keyword arguments (eps, step_size, steps, bn_mode; loss_scale for fp16); soft_labels: the run's
+    attack: pgd() keyword arguments (norm, eps, step_size, steps, bn_mode; loss_scale for fp16); soft_labels: the run's
     table (a list of K for packed seeds) or None; autocast: a context-manager factory wrapping the forward passes;
     scaler: a GradScaler, enabled for fp16 only. attack_model and eval_model: the models the attack and the
     clean-accuracy forward run (the fast engine's compiled or folded views of `model`; default `model`); the loss

@@ -1,7 +1,8 @@
 """`run.py sweep`: a grid of methods x seeds (x any config values) from one config, one folder per run.
 
     python run.py sweep -C configs/fashion_mnist_demo.yaml --methods at,sgls --seeds 0-4 \
-        [--grid attack.eps=4,8] [--pack K] [--out runs/sweep] [--compare] [--section.key=value ...]
+        [--grid attack.eps=4,8] [--pack K] [--out runs/sweep] [--compare [--group-by K1,K2] [--pool KEY]]
+        [--section.key=value ...]
 
 Finished runs (final.json present) are skipped, killed ones resumed from their last checkpoint, the rest
 started; rerunning the same command after an interruption completes the sweep. Each run folder is claimed
@@ -140,7 +141,9 @@ def main(config_files, args, log=print):
     grid_items, args = config.take_options(args, '--grid')
     out, args = config.take_options(args, '--out')
     pack, args = config.take_options(args, '--pack')
-    do_compare = '--compare' in args
+    group_by, args = config.take_options(args, '--group-by')  # passed to compare (engine.grouping)
+    pool, args = config.take_options(args, '--pool')
+    do_compare = {'group_by': group_by[-1] if group_by else None, 'pool': pool} if '--compare' in args else None
     args = [a for a in args if a != '--compare']
     base = config.load(config_files, args)
     methods = methods[-1].split(',') if methods else [base.method.name]
@@ -209,7 +212,7 @@ def _sweep(runs, out_dir, pack, do_compare, group, log):
             'rerun the sweep when it is done')
     if do_compare:
         from engine.compare import compare
-        compare([out_dir], os.path.join(out_dir, 'compare'))
+        compare([out_dir], os.path.join(out_dir, 'compare'), **do_compare)
         log(f'comparison: {os.path.join(out_dir, "compare", "report.md")}')
     if failed:
         raise RunFailed(f'{len(failed)} run(s) failed (diverged; failed.json in each, left out of the comparison): '

@@ -14,7 +14,7 @@ random draws, so loading a teacher leaves the run's random stream as it was (the
 data order are those of the same run without a teacher), and no time is spent initialising 267M parameters of a
 WRN-70-16 that the file overwrites. Plain state dicts get the conversions of the layouts these archs copy: a
 'module.' prefix on every key (a model saved from inside nn.DataParallel, as the TRADES and RSLAD scripts do) is
-dropped, and for the wide ResNets TRADES' key names are read (see _convert) and the keys of its
+dropped, and for the wide ResNets TRADES' key names are read (see convert_state) and the keys of its
 WideResNet.sub_block1, which its forward() never uses (engine/models/wideresnet.py), dropped: the TRADES
 WRN-34-10 checkpoint, RSLAD's CIFAR-10 teacher, loads as wrn34_10. DeepMind's WRN-70-16 (RSLAD's CIFAR-100
 teacher) is another network and does not load (engine/models/wideresnet.py says how it differs).
@@ -97,7 +97,7 @@ def load_teacher(path, *, num_classes: int, in_channels: int, device='cpu', dtyp
         holds its normalisation (an engine checkpoint with model.normalize, or 'normalize.*' keys) uses its own.
     """
     path = os.fspath(path)
-    state, params = _read(path)
+    state, params = read_weights(path)
     if params is not None:
         saved_arch, saved_width = params.get('model.arch'), int(params.get('model.width') or 0)
         if saved_arch not in ARCHS:
@@ -116,7 +116,7 @@ def load_teacher(path, *, num_classes: int, in_channels: int, device='cpu', dtyp
         raise UserError(f"{path}: a plain state dict, not a checkpoint of this engine: name its architecture "
                         f"(teacher arch: one of {', '.join(ARCHS)})")
     else:
-        state = _convert(state, arch)
+        state = convert_state(state, arch)
     own_normalize = 'normalize.mean' in state or 'normalize.std' in state
     if own_normalize and (mean or std):
         raise UserError(f'{path}: holds its own input normalisation; give no teacher mean / std for it')
@@ -130,7 +130,7 @@ def load_teacher(path, *, num_classes: int, in_channels: int, device='cpu', dtyp
                                 mean=tuple(mean) or (0.0,) * in_channels, std=tuple(std) or (1.0,) * in_channels)
     except ConfigError as e:
         raise UserError(f'{path}: cannot build the teacher: {e}') from None
-    _check_fits(path, state, model, arch, width, num_classes, in_channels)
+    check_fits(path, state, model, arch, width, num_classes, in_channels)
     target = model.net if normalize and not own_normalize else model
     model.to_empty(device=device)
     if normalize and not own_normalize:   # the given statistics (to_empty left the buffers unset)
@@ -142,17 +142,19 @@ def load_teacher(path, *, num_classes: int, in_channels: int, device='cpu', dtyp
     return Teacher(model.to(device, dtype), path, arch, _sha256(path))
 
 
-def _read(path):
-    """(state dict, params or None): params are the saved config when the file is a checkpoint of this engine."""
+def read_weights(path, what='teacher'):
+    """(state dict, params or None) of a checkpoint of this engine, a torch.save'd state dict (weights_only) or a
+    .safetensors file: params are the saved config when the file is a checkpoint of this engine. `what` names the
+    file in messages (a teacher, a model to evaluate)."""
     if not os.path.isfile(path):
-        raise UserError(f'{path}: no such teacher file')
+        raise UserError(f'{path}: no such {what} file')
     if path.endswith('.safetensors'):
-        return read_safetensors(path), None
+        return read_safetensors(path, what), None
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
         first = str(e).splitlines()[0] if str(e) else ''
-        raise UserError(f'{path}: cannot load the teacher safely ({type(e).__name__}: {first})') from None
+        raise UserError(f'{path}: cannot load the {what} safely ({type(e).__name__}: {first})') from None
     if isinstance(state, Mapping) and 'params' in state and 'model' in state:
         try:
             params = json.loads(state['params'])
@@ -167,7 +169,7 @@ def _read(path):
     return dict(state), None
 
 
-def _convert(state, arch):
+def convert_state(state, arch):
     """Plain state dicts: drop a DataParallel 'module.' prefix; for the wide ResNets, read TRADES' key names."""
     if all(key.startswith('module.') for key in state):
         state = {key[len('module.'):]: value for key, value in state.items()}
@@ -192,16 +194,16 @@ def _first_and_last(model):
     return f'{convs[0]}.weight', f'{linears[-1]}.weight'
 
 
-def _check_fits(path, state, model, arch, width, num_classes, in_channels):
+def check_fits(path, state, model, arch, width, num_classes, in_channels, what='teacher'):
     """UserError naming the file unless `state` fits `model` (classes and channels first: the likeliest)."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     if 'normalize.mean' in expected and 'normalize.mean' not in state:   # the net alone: normalisation given
         expected = {key[len('net.'):]: shape for key, shape in expected.items() if key.startswith('net.')}
     stem, classifier = (key[len('net.'):] if key not in expected else key for key in _first_and_last(model))
     if classifier in state and state[classifier].dim() == 2 and state[classifier].shape[0] != num_classes:
-        raise UserError(f'{path}: the teacher has {state[classifier].shape[0]} classes, the data {num_classes}')
+        raise UserError(f'{path}: the {what} has {state[classifier].shape[0]} classes, the data {num_classes}')
     if stem in state and state[stem].dim() == 4 and state[stem].shape[1] != in_channels:
-        raise UserError(f'{path}: the teacher takes {state[stem].shape[1]} input channels, the data has '
+        raise UserError(f'{path}: the {what} takes {state[stem].shape[1]} input channels, the data has '
                         f'{in_channels}')
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
@@ -217,7 +219,7 @@ def _check_fits(path, state, model, arch, width, num_classes, in_channels):
                         + '; '.join(problems) + ' (another arch or width?)')
 
 
-def read_safetensors(path) -> dict:
+def read_safetensors(path, what='teacher') -> dict:
     """The tensors of a .safetensors file (the safetensors package: a JSON header and raw tensors, no pickle), or a
     UserError naming the file."""
     from safetensors import SafetensorError
@@ -225,7 +227,7 @@ def read_safetensors(path) -> dict:
     try:
         tensors = load_file(str(path), device='cpu')
     except OSError as e:
-        raise UserError(f'{path}: cannot read the teacher ({e.strerror or e})') from None
+        raise UserError(f'{path}: cannot read the {what} ({e.strerror or e})') from None
     except (SafetensorError, ValueError) as e:
         raise UserError(f'{path}: not a valid .safetensors file ({e})') from None
     if not tensors:

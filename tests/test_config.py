@@ -181,3 +181,14 @@ def test_evaluation_presets_and_drop_last(tmp_path):
     for bad in ('pgd20_madry', 'pgd20_sgls,pgd20_sgls'):
         with pytest.raises(ConfigError, match="'evaluation.presets' must be a list of distinct names"):
             config.load(cli_args=[f'--evaluation.presets={bad}'])
+
+
+def test_attack_units_are_stated_per_norm():
+    """attack.eps and step_size are in 1/255 for linf and in pixel units for l2: the help says which, and the default
+    (linf 8) is 8/255 while an l2 radius is taken as given (engine.train.build.attack_budget)."""
+    from engine.train.build import attack_budget
+    text = config.help_text()
+    assert '1/255 for linf' in text and 'pixel units' in text and '--attack.confirm_eps' in text
+    assert attack_budget(config.load())['eps'] == 8 / 255
+    l2 = attack_budget(config.load(cli_args=['--attack.norm=l2', '--attack.eps=0.5', '--attack.step_size=0.1']))
+    assert (l2['norm'], l2['eps'], l2['step_size']) == ('l2', 0.5, 0.1)

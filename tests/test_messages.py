@@ -10,6 +10,7 @@ import torch
 import run
 from engine import checkpoint, config, errors
 from engine.errors import ConfigError, UserError
+from engine import eval_model
 from engine.train import final
 from engine.train.build import model_of, open_data
 
@@ -172,7 +173,7 @@ def tiny(tmp_path_factory):
 def test_eval_overrides_that_do_not_fit_name_checkpoint_and_keys(tiny, overrides, named):
     _, path = tiny
     with pytest.raises(UserError) as e:
-        final.eval_checkpoint(path, overrides, log=lambda *_: None)
+        eval_model.eval_model(['--checkpoint', path, *overrides], log=lambda *_: None)
     message = str(e.value)
     assert message.startswith(f'{path}: the overrides ') and named in message and 'do not fit' in message, message
     assert 'evaluation.final_n' not in message  # an override that fits is not blamed
@@ -184,7 +185,7 @@ def test_eval_ignores_an_old_nested_run_name(tiny, tmp_path):
     old = str(tmp_path / 'old.pt')
     torch.save({**state, 'params': json.dumps({**state['params'], 'output.name': 'sweep/a'})}, old)
     with pytest.raises(UserError, match=r'the overrides --model.width=8 \(saved: 4\) do not fit'):
-        final.eval_checkpoint(old, ['--model.width=8'], log=lambda *_: None)
+        eval_model.eval_model(['--checkpoint', old, '--model.width=8'], log=lambda *_: None)
 
 
 def _refuse_writes(*args, **kwargs):
@@ -193,12 +194,13 @@ def _refuse_writes(*args, **kwargs):
 
 def test_eval_and_final_print_the_table_before_writing(tiny, monkeypatch):
     cfg, path = tiny
-    monkeypatch.setattr(final, 'write_eval', _refuse_writes)
-    monkeypatch.setattr(final, 'write_final', _refuse_writes)
+    monkeypatch.setattr(eval_model.example_files, 'write_examples', _refuse_writes)  # the first file written
+    monkeypatch.setattr(final, '_write_rows_files', _refuse_writes)
     logged = []
     with pytest.raises(OSError):
-        final.eval_checkpoint(path, [], log=logged.append)
-    assert logged[-1].startswith(f'{path[:-3]}-eval.md:\n| checkpoint | epoch | clean | pgd | worst |'), logged
+        eval_model.eval_model(['--checkpoint', path], log=logged.append)
+    out = os.path.join(os.path.dirname(path), 'last-eval')
+    assert logged[-1].startswith(f'{out}/eval.md:\n| checkpoint | epoch | clean | pgd | worst |'), logged
     assert '| last.pt | 0 |' in logged[-1] and 'n = 16 examples' in logged[-1]
 
     loaders, _ = open_data(cfg, torch.device('cpu'), log=lambda *_: None)

@@ -197,14 +197,15 @@ def test_without_presets_the_final_table_is_unchanged():
     cfg = config.load(cli_args=['--evaluation.autoattack=false'])
     assert cfg.evaluation.presets == ()
     settings = final.final_settings(cfg, 1000)
-    assert settings == {'eps': EPS, 'step_size': 2 / 255, 'pgd_steps': 20, 'n': 1000, 'cw_steps': 30}
+    assert settings == {'norm': 'linf', 'eps': EPS, 'step_size': 2 / 255, 'pgd_steps': 20, 'n': 1000, 'cw_steps': 30,
+                        'seed': 0}
     rows = {'final': {'epoch': 200, 'clean': 82.0, 'fgsm': 60.0, 'pgd': 48.111, 'cw': 47.0, 'worst': 44.0, 'n': 1000}}
     assert format_table(rows, settings) == (
         '| checkpoint | epoch | clean | fgsm | pgd | cw | worst |\n'
         '|---|---:|---:|---:|---:|---:|---:|\n'
         '| final | 200 | 82.00 | 60.00 | 48.11 | 47.00 | 44.00 |\n'
         '\n'
-        'eps = 8/255, step size = 2/255, PGD steps = 20, CW steps = 30, n = 1000 examples\n')
+        'L-inf eps = 8/255, step size = 2/255, PGD steps = 20, CW steps = 30, n = 1000 examples, evaluation seed = 0\n')
 
 
 TINY = ['--data.dataset=synthetic', '--data.synthetic_n_train=32', '--data.synthetic_n_test=16',
@@ -222,9 +223,10 @@ def test_run_py_eval_with_a_preset(tmp_path):
     path = str(tmp_path / 'last.pt')
     checkpoint.save(path, {'model': model_of(cfg, 1, torch.device('cpu')), 'progress': checkpoint.Progress()}, params)
     assert run.main(['eval', '--checkpoint', path, '--evaluation.presets=pgd20_sgls']) == 0
-    saved = json.loads((tmp_path / 'last-eval.json').read_text())
-    assert set(saved['row']) == {'epoch', 'n', 'clean', 'pgd', 'pgd20_sgls', 'worst'}
+    saved = json.loads((tmp_path / 'last-eval' / 'eval.json').read_text())
+    assert set(saved['row']) == {'epoch', 'n', 'clean', 'pgd', 'pgd20_sgls', 'worst', 'ece_clean', 'nll_clean',
+                                 'ece_pgd', 'nll_pgd'}
     assert saved['settings']['presets']['pgd20_sgls']['eps'] == 0.031
-    table = (tmp_path / 'last-eval.md').read_text()
+    table = (tmp_path / 'last-eval' / 'eval.md').read_text()
     assert '| pgd20_sgls | worst |' in table and f'- {PRINTED["pgd20_sgls"]}' in table
     assert os.path.exists(path)

@@ -1,5 +1,5 @@
 """The files of one run folder: params.json, metrics.jsonl / metrics.csv / tensorboard/, final.json and
-final.md, failed.json, provenance.json, log.txt, and a checkpoint's -eval.json / -eval.md. Writes are atomic
+final.md, failed.json, provenance.json, log.txt, and run.py eval's eval.json / eval.md. Writes are atomic
 (writers.atomic) where a reader could otherwise see half a file; metrics.jsonl and log.txt are appended a line at
 a time and flushed."""
 import csv
@@ -15,7 +15,8 @@ from writers.tables import format_table
 
 # What the engine writes into a run folder: the only entries --output.overwrite=true removes.
 RUN_FILES = ('params.json', 'metrics.jsonl', 'metrics.csv', 'tensorboard', 'checkpoints', 'final.json', 'final.md',
-             'failed.json', 'provenance.json', 'log.txt')
+             'failed.json', 'provenance.json', 'log.txt', 'examples', 'reliability.png', 'robustbench.json',
+             'robustbench.safetensors', 'autoattack.log', 'eval')
 
 
 class MetricsLog:
@@ -109,11 +110,12 @@ def write_final(run_dir, rows, settings, **about):
     return table
 
 
-def write_eval(stem, checkpoint, row, settings):
-    """<stem>-eval.json and <stem>-eval.md beside an evaluated checkpoint; returns the table's text."""
-    table = format_table({os.path.basename(checkpoint): row}, settings)
-    write_json_atomic(stem + '-eval.json', {'checkpoint': checkpoint, 'row': row, 'settings': settings})
-    write_text_atomic(stem + '-eval.md', table + '\n')
+def write_eval(out_dir, about, label, row, settings):
+    """eval.json (`about`: what was evaluated, the row and the settings) and eval.md in out_dir (run.py eval);
+    returns the table's text."""
+    table = format_table({label: row}, settings)
+    write_json_atomic(os.path.join(out_dir, 'eval.json'), {**about, 'label': label, 'row': row, 'settings': settings})
+    write_text_atomic(os.path.join(out_dir, 'eval.md'), table + '\n')
     return table
 
 

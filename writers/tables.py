@@ -3,6 +3,8 @@
 # Column order of the final table; 'worst' = correct under every attack evaluated (at the run's eps). The columns
 # of settings['presets'] (evaluation.presets) come before 'worst'.
 TABLE_COLUMNS = ('clean', 'fgsm', 'pgd', 'cw', 'autoattack', 'worst')
+# Calibration (engine.calibration), after the accuracies: ECE in percent (15 equal-width bins), NLL in nats.
+CALIBRATION_COLUMNS = ('ece_clean', 'nll_clean', 'ece_pgd', 'nll_pgd')
 START_TEXT = {'uniform': 'uniform start', 'normal': '0.001 N(0, 1) start', 'none': 'no random start'}
 
 
@@ -32,7 +34,7 @@ def format_table(rows: dict[str, dict], settings: dict) -> str:
     """Markdown table: one row per key (e.g. 'best', 'final'); columns epoch (if any row has it) and the
     accuracies present in any row (2 decimals); then a line with the evaluation settings and one line per preset."""
     presets = settings.get('presets') or {}
-    order = ('epoch',) + TABLE_COLUMNS[:-1] + tuple(presets) + TABLE_COLUMNS[-1:]
+    order = ('epoch',) + TABLE_COLUMNS[:-1] + tuple(presets) + TABLE_COLUMNS[-1:] + CALIBRATION_COLUMNS
     columns = [c for c in order if any(c in row for row in rows.values())]
     lines = ['| checkpoint | ' + ' | '.join(columns) + ' |',
              '|---|' + '---:|' * len(columns)]
@@ -44,15 +46,19 @@ def format_table(rows: dict[str, dict], settings: dict) -> str:
                 cells.append('-')
             elif column == 'epoch':
                 cells.append(str(int(value)))
+            elif column.startswith('nll_'):
+                cells.append(f'{value:.3f}')
             else:
                 cells.append(f'{value:.2f}')
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
 
     described = []
+    l2 = settings.get('norm') == 'l2'   # L2 radii in pixel units of [0, 1] images; L-inf ones in 1/255
+    radius = (lambda v: f'{v:g}') if l2 else _over_255
     if 'eps' in settings:
-        described.append(f"eps = {_over_255(settings['eps'])}")
+        described.append(f"{'L2' if l2 else 'L-inf'} eps = {radius(settings['eps'])}")
     if 'step_size' in settings:
-        described.append(f"step size = {_over_255(settings['step_size'])}")
+        described.append(f"step size = {radius(settings['step_size'])}")
     for key, text in (('pgd_steps', 'PGD steps'), ('cw_steps', 'CW steps'),
                       ('autoattack_version', 'AutoAttack version')):
         if key in settings:
@@ -61,8 +67,16 @@ def format_table(rows: dict[str, dict], settings: dict) -> str:
         described.append(f"n = {settings['n']} examples")
     if settings.get('autoattack_n') not in (None, settings.get('n')):
         described.append(f"AutoAttack on the first {settings['autoattack_n']} of them")
+    if 'seed' in settings:
+        described.append(f"evaluation seed = {settings['seed']}")
     if 'best_selected_on' in settings:
         described.append(f"best checkpoint chosen on {settings['best_selected_on']}")
+    if any(c in row for row in rows.values() for c in CALIBRATION_COLUMNS):
+        described.append('ece_*: expected calibration error in % (15 equal-width confidence bins), nll_*: mean '
+                         'negative log-likelihood in nats, on the clean and on the PGD inputs')
+    same = [f'{label} = {row["same_as"]}' for label, row in rows.items() if row.get('same_as')]
+    if same:
+        described.append(f"{'; '.join(same)} (the same model, evaluated once)")
     footer = [f'- {preset_line(name, p)}' for name, p in presets.items()]
     return '\n'.join(lines) + '\n\n' + ', '.join(described) + '\n' + ''.join(f'{line}\n' for line in footer)
 

@@ -32,10 +32,11 @@ def dtype_of(cfg, device):
 
 
 def attack_budget(cfg):
-    """The training attack in pixel units, as engine.attacks takes it: the config gives eps and the step in 1/255,
-    and this is the one place that converts them."""
+    """The training attack in pixel units, as engine.attacks takes it: for attack.norm linf the config gives eps and
+    the step in 1/255, and this is the one place that converts them; for l2 they are in pixel units already."""
     a = cfg.attack
-    return dict(eps=a.eps / 255, step_size=a.step_size / 255, steps=a.steps, bn_mode=a.bn_mode)
+    unit = 255 if a.norm == 'linf' else 1
+    return dict(norm=a.norm, eps=a.eps / unit, step_size=a.step_size / unit, steps=a.steps, bn_mode=a.bn_mode)
 
 
 def lr_at(cfg, epoch):

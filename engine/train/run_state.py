@@ -40,7 +40,7 @@ RESUMABLE_CHANGES = ('training.resume', 'training.stop_after', 'training.progres
                      'data.source', 'data.download', 'data.force', 'data.num_workers', 'output.dir', 'output.name',
                      'output.overwrite', 'output.tensorboard', 'evaluation.final_n', 'evaluation.final_pgd_steps',
                      'evaluation.cw_steps', 'evaluation.fgsm', 'evaluation.autoattack', 'evaluation.autoattack_n',
-                     'evaluation.autoattack_version', 'evaluation.batch_size', 'evaluation.presets')
+                     'evaluation.autoattack_version', 'evaluation.batch_size', 'evaluation.presets', 'evaluation.seed')
 # A run has started once one of these exists: its folder then holds results that a new run must not mix into.
 STARTED = ('checkpoints/last.pt', 'checkpoints/pending.pt', 'final.json', 'failed.json')
 CHECKPOINT_FILES = ('last.pt', 'best.pt', 'best-ema.pt', 'pending.pt', 'last-eval.json', 'last-eval.md',
