@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from engine.errors import UserError
+from writers.examples import VALUE_COLUMNS
 
 SEED_KEY = "training.seed"
 METHOD_KEY = "method.name"
@@ -341,7 +342,8 @@ def setting(runs, differs):
 
 
 # Leading columns of examples/<row>.csv that are not 0/1 correctness under an attack.
-EXAMPLE_INFO_COLUMNS = ("index", "label", "clean_margin", "clean_confidence", "clean_nll", "pgd_confidence", "pgd_nll")
+# The value columns of examples/<row>.csv (defined where the file is written); every other column is 0/1.
+EXAMPLE_INFO_COLUMNS = VALUE_COLUMNS
 
 
 def read_examples(path):

@@ -13,7 +13,6 @@ import run
 from engine import checkpoint
 from engine.train.loop import train
 from tests.test_training import tiny
-from writers.examples import read_examples
 
 DATA = ['--data.dataset=synthetic', '--data.synthetic_n_train=2112', '--data.synthetic_n_test=512',
         '--data.synthetic_classes=4', '--data.synthetic_shape=3,16,16', '--data.val_size=64']
@@ -36,6 +35,16 @@ def final_json(run_dir):
 def eval_json(folder):
     with open(os.path.join(folder, 'eval.json')) as f:
         return json.load(f)
+
+
+def read_examples(path):
+    """{column: values} of a per-example CSV, read here with the csv module alone (independent of the engine's
+    reader): ints for index, label and the 0/1 columns, floats for the value columns."""
+    import csv
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    floats = ('clean_margin', 'clean_confidence', 'clean_nll', 'pgd_confidence', 'pgd_nll')
+    return {name: [(float if name in floats else int)(r[name]) for r in rows] for name in rows[0]}
 
 
 def numbers(row):

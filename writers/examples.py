@@ -1,7 +1,7 @@
 """Per-example results of one evaluated checkpoint: examples/<row>.csv (run folders) or examples.csv (run.py eval).
 
 One line per test image, keyed by its index in the test beton, so two methods evaluated on the same images can be
-compared image by image (engine.compare pairs them on 'index'). Columns, in this order:
+compared image by image (engine.grouping.read_examples reads it back). Columns, in this order:
 - index, label;
 - clean_margin: the true class's logit minus the largest other logit on the clean image (> 0: correct);
 - clean_confidence, clean_nll: the largest softmax probability and -log p(label) on the clean image;
@@ -51,17 +51,3 @@ def write_examples(path, columns, presets=()):
     writer.writerows([_cell(v) for v in row] for row in zip(*values))
     write_text_atomic(path, buffer.getvalue())
 
-
-def read_examples(path):
-    """{column: list} of a file written by write_examples: ints for index / label / 0-1 columns, floats for the
-    value columns, None for an empty cell."""
-    with open(path, encoding='utf-8', newline='') as f:
-        reader = csv.reader(f)
-        names = next(reader)
-        rows = list(reader)
-    floats = set(VALUE_COLUMNS) - {'index', 'label'}
-    out = {}
-    for k, name in enumerate(names):
-        convert = float if name in floats else int
-        out[name] = [None if row[k] == '' else convert(row[k]) for row in rows]
-    return out
