@@ -41,6 +41,9 @@ RESUMABLE_CHANGES = ('training.resume', 'training.stop_after', 'training.progres
                      'output.overwrite', 'output.tensorboard', 'evaluation.final_n', 'evaluation.final_pgd_steps',
                      'evaluation.cw_steps', 'evaluation.fgsm', 'evaluation.autoattack', 'evaluation.autoattack_n',
                      'evaluation.autoattack_version', 'evaluation.batch_size', 'evaluation.presets', 'evaluation.seed')
+# The folders of RUN_FILES: the engine writes every file in them (per-epoch scalars, per-example results, run.py eval
+# of the run's checkpoints), so overwrite removes them whole.
+ENGINE_FOLDERS = ('tensorboard', 'examples', 'eval')
 # A run has started once one of these exists: its folder then holds results that a new run must not mix into.
 STARTED = ('checkpoints/last.pt', 'checkpoints/pending.pt', 'final.json', 'failed.json')
 CHECKPOINT_FILES = ('last.pt', 'best.pt', 'best-ema.pt', 'pending.pt', 'last-eval.json', 'last-eval.md',
@@ -98,7 +101,7 @@ def clear_run(run_dir, log):
             os.remove(os.path.join(checkpoints, name))
     for name in RUN_FILES:
         path = os.path.join(run_dir, name)
-        if name == 'tensorboard' and os.path.isdir(path) and not os.path.islink(path):
+        if name in ENGINE_FOLDERS and os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
         elif os.path.isfile(path) or os.path.islink(path):
             os.remove(path)
