@@ -6,7 +6,7 @@
    Fashion-MNIST (AT, eps 0.1, PGD-5); then PGD-20 robust accuracy of its last checkpoint on the whole test set
    with the attack in fp32 (TF32 off) and in bf16 autocast, twice each (two random starts, the noise floor).
    Pass: |bf16 - fp32| <= 0.5 points.
-2. engines: the demo config (configs/fashion_mnist_demo.yaml: small CNN, AT) trained with training.engine eager
+2. engines: the demo config (configs/fashion_mnist_quick.yaml: small CNN, AT) trained with training.engine eager
    and fast for several seeds each; final-checkpoint clean and PGD-20 accuracy per engine, Welch's t-test.
    Pass: the engines' PGD-20 means differ by less than the seed noise (p > 0.05).
 Writes OUT_DIR/gpu_checks.json and OUT_DIR/gpu_checks.md; prints the Markdown.
@@ -28,7 +28,7 @@ from engine.sweep import parse_seeds  # noqa: E402
 from engine.train.build import attack_budget, model_of, open_data  # noqa: E402
 from engine.train.loop import train  # noqa: E402
 
-DEMO = 'configs/fashion_mnist_demo.yaml'
+DEMO = 'configs/fashion_mnist_quick.yaml'
 
 
 def run(cli, log):

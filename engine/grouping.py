@@ -312,6 +312,32 @@ def _provenance(runs, key):
     return _distinct(values) if values else None
 
 
+def _precision(run):
+    """The precision the run computed in: training.precision with 'auto' resolved for its engine and device (as
+    engine.precision does when it trains); 'auto' stays where provenance.json does not name the device."""
+    from engine.precision import resolve_precision
+    name, engine = param(run, "training.precision"), param(run, "training.engine")
+    devices = [record.get("device") for record in (run.provenance or []) if isinstance(record, dict)]
+    if not isinstance(name, str) or not isinstance(engine, str):
+        return name
+    if name == "auto" and engine != "eager" and not (devices and isinstance(devices[0], str)):
+        return name
+    try:
+        return resolve_precision(name, devices[0] if devices else "cpu", engine)
+    except (RuntimeError, ValueError):  # a device string torch does not know
+        return name
+
+
+def _training_data(run):
+    """'N training images (V held out for validation)[, label noise K R%]': what a run trained on."""
+    limit, val = param(run, "data.train_limit"), param(run, "data.val_size")
+    text = f"{limit if limit else 'all'} training images ({val} held out for validation)"
+    noise, rate = param(run, "method.label_noise"), param(run, "method.noise_rate")
+    if isinstance(noise, str) and noise != "none" and isinstance(rate, (int, float)):
+        text += f", {noise} label noise {100 * rate:g}% (noise seed {param(run, 'method.noise_seed')})"
+    return text
+
+
 def setting(runs, differs):
     """summary['setting']: what the runs were (dataset, arch, epochs, training attack, evaluation, engine,
     precision, code and torch version); a field the runs disagree on holds the list of values (its text 'a | b'),
@@ -324,6 +350,7 @@ def setting(runs, differs):
         "dataset": _distinct([param(run, "data.dataset") for run in runs]),
         "arch": _distinct([param(run, "model.arch") for run in runs]),
         "epochs": _distinct([param(run, "training.epochs") for run in runs]),
+        "training_data": _joined(_training_data(run) for run in runs),
         "train_attack": {**{key: _distinct([t[key] for t in train]) for key in ("norm", "eps", "step_size", "steps")},
                          "text": _joined(t["text"] for t in train)},
         "eval": {**{key: _distinct([e[key] for e in evaluation])
@@ -331,7 +358,7 @@ def setting(runs, differs):
                                 "presets")},
                  "text": _joined(e["text"] for e in evaluation)},
         "engine": _distinct([param(run, "training.engine") for run in runs]),
-        "precision": _distinct([param(run, "training.precision") for run in runs]),
+        "precision": _distinct([_precision(run) for run in runs]),
         "git_commit": commits,
         "git_dirty": any(d is True for d in dirty) if dirty else None,
         "torch": _provenance(runs, "torch"),

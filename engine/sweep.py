@@ -1,6 +1,6 @@
 """`run.py sweep`: a grid of methods x seeds (x any config values) from one config, one folder per run.
 
-    python run.py sweep -C configs/fashion_mnist_demo.yaml --methods at,sgls --seeds 0-4 \
+    python run.py sweep -C configs/fashion_mnist_quick.yaml --methods at,sgls --seeds 0-4 \
         [--grid attack.eps=4,8] [--pack K] [--out runs/sweep] [--compare [--group-by K1,K2] [--pool KEY]]
         [--section.key=value ...]
 

@@ -240,7 +240,11 @@ def test_an_uneven_global_batch_stops_every_rank_under_torchrun(data_dir, tmp_pa
     done = finish(torchrun('train', *TINY, f'--data.dir={data_dir}', f'--output.dir={tmp_path}',
                            '--training.batch_size=63'), timeout=120)
     message = 'error: training.batch_size=63 is the global batch, split evenly over the ranks'
-    assert done.stderr.count(message) == 2 and 'exitcode  : 2' in done.stderr, done.stderr[-3000:]
+    # Each rank refuses on its own, before any collective. The first to exit makes torchrun SIGTERM the other,
+    # which under load may not have printed yet: at least one message, exit 2, and nobody left waiting (the
+    # timeout) is what "every rank stops" can promise.
+    assert done.stderr.count(message) >= 1 and 'exitcode  : 2' in done.stderr, done.stderr[-3000:]
+    assert done.returncode != 0
 
 
 def test_more_ranks_per_node_than_gpus_stop(monkeypatch, capsys):

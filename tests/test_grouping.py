@@ -171,6 +171,14 @@ def test_per_example_statistics_from_the_examples_files(tmp_path):
     assert result["columns"]["autoattack"]["n_images"] == N_IMAGES // 2  # only the images AutoAttack ran on
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Per-example (paired image by image) statistics" in report and "| sgls | best.pgd | 120 |" in report
+    # 3 seeds per arm: the two-level bootstrap's seed level is too coarse, so its CI is flagged, not silent.
+    assert pgd["bootstrap"]["few_seeds"] is True and "† fewer than 5 seeds in an arm" in report
+    line = next(line for line in report.splitlines() if line.startswith("| sgls | best.pgd | 120 |"))
+    assert "] †" in line
+    make_grid(tmp_path / "five", lrs=(0.1,), seeds=(0, 1, 2, 3, 4))
+    five = compare.compare([tmp_path / "five"], tmp_path / "out5")
+    assert five["paired_examples"]["sgls"]["best"]["columns"]["pgd"]["bootstrap"]["few_seeds"] is False
+    assert "†" not in (tmp_path / "out5" / "report.md").read_text()
 
     # An old run without examples/: no per-example statistics for that comparison, and the report says why.
     os.rename(os.path.join(runs[0], "examples"), os.path.join(runs[0], "examples_old"))
@@ -257,3 +265,28 @@ def test_real_grid_sweep_compare_keeps_learning_rates_apart(tmp_path):
     assert summary["setting"]["train_attack"]["steps"] == 2 and summary["setting"]["epochs"] == 1
     report = (out / "compare" / "report.md").read_text()
     assert "- optimizer.lr=0.01: 2 run(s), seeds [0, 1]" in report and "at: 4 run(s)" not in report
+
+
+def test_setting_names_the_precision_auto_resolved_to():
+    def run(engine, precision, device):
+        provenance = [{"device": device}] if device else None
+        return grouping.Run("r", {"training.engine": engine, "training.precision": precision}, provenance=provenance)
+    assert grouping._precision(run("fast", "auto", "cuda:0")) == "bf16"
+    assert grouping._precision(run("fast", "auto", "cpu")) == "fp32"
+    assert grouping._precision(run("eager", "auto", None)) == "fp32"  # eager: fp32 unless fp64, wherever it ran
+    assert grouping._precision(run("fast", "auto", None)) == "auto"  # no provenance: not guessed
+    assert grouping._precision(run("fast", "fp16", "cuda")) == "fp16"
+
+
+def test_setting_names_the_training_data_and_its_label_noise(tmp_path):
+    noisy = grouping.Run("r", {"data.train_limit": 500, "data.val_size": 500, "method.label_noise": "sym",
+                               "method.noise_rate": 0.4, "method.noise_seed": 0})
+    assert grouping._training_data(noisy) == ("500 training images (500 held out for validation), sym label noise "
+                                              "40% (noise seed 0)")
+    make_grid(tmp_path / "sweep", lrs=(0.1,), seeds=(0, 1))
+    compare.compare([tmp_path / "sweep"], tmp_path / "out")
+    params = _params("at", 0)
+    limit = params.get("data.train_limit") or "all"
+    val = params.get("data.val_size", 1000)
+    assert f"- training data: {limit} training images ({val} held out for validation)\n" in \
+        (tmp_path / "out" / "report.md").read_text()

@@ -179,3 +179,31 @@ def test_plots_written_without_setting_or_params(tmp_path):
     assert figures["robust_acc.png"].axes[0].get_title() == "robust accuracy per epoch"
     assert _vertical_lines(figures["robust_acc.png"].axes[0]) == []  # no params: no SGLS start known
     assert figures["final_metrics.png"].get_suptitle() == "final table"
+
+
+def test_final_metrics_put_calibration_on_its_own_axes_and_show_the_ema_rows():
+    summary = _summary(CURVES)
+    extra = ["best.ece_clean", "best.nll_clean", "final.ece_clean", "ema_best.pgd", "ema_final.pgd"]
+    summary["metrics"] += extra
+    for group in summary["groups"].values():
+        for metric in extra:
+            group["metrics"][metric] = {"mean": 2.0 if "nll" in metric else 7.0, "ci95_t": None}
+    figure = plots.build_figures(CURVES, summary)["final_metrics.png"]
+    grid = figure.axes[0].get_subplotspec().get_gridspec()
+    assert (grid.nrows, grid.ncols) == (3, 4)  # accuracy / ECE / NLL  x  best / final / ema_best / ema_final
+
+    def panel(row, col):
+        return next(axes for axes in figure.axes if axes.get_subplotspec().rowspan.start == row
+                    and axes.get_subplotspec().colspan.start == col)
+
+    def ticks(axes):
+        return [label.get_text() for label in axes.get_xticklabels()]
+
+    assert ticks(panel(0, 0)) == ["clean", "PGD-20"] and ticks(panel(0, 2)) == ["PGD-20"]
+    assert ticks(panel(1, 0)) == ["ece_clean"] and ticks(panel(2, 0)) == ["nll_clean"] and ticks(panel(2, 1)) == []
+    assert [panel(k, 0).get_ylabel() for k in range(3)] == ["accuracy (%)", "ECE (%, 15 bins)", "NLL (nats)"]
+    assert "ema_final row" in panel(0, 3).get_title()
+    # No accuracy panel holds a calibration point: every plotted y there is an accuracy (50 + index).
+    for col in range(4):
+        ys = [y for line in panel(0, col).get_lines() for y in line.get_ydata()]
+        assert all(y != 2.0 for y in ys)

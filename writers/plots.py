@@ -240,40 +240,57 @@ def _column_label(column, evaluation):
     return column
 
 
+# Final-table columns by unit: accuracies share an axis; ECE (percent, but 0 is best) and NLL (nats, unbounded)
+# would be misread on it, so each has its own panel row.
+FINAL_KINDS = (("accuracy", "accuracy (%)"), ("ece", "ECE (%, 15 bins)"), ("nll", "NLL (nats)"))
+FINAL_ROWS = ("best", "final", "ema_best", "ema_final")
+
+
+def _column_kind(column):
+    return next((kind for kind, _ in FINAL_KINDS[1:] if column.startswith(kind)), "accuracy")
+
+
 def final_metrics_figure(summary):
-    """Mean and 95% t CI of each row column, methods side by side; best and final rows in two panels."""
+    """Mean and 95% t CI of each final-table column, methods side by side: one panel column per row of final.json
+    (best, final, and the weight-EMA rows where recorded), one panel row per unit (accuracy, ECE, NLL)."""
     methods = list(summary["groups"])
     evaluation = _dict(_setting(summary).get("eval"))
-    figure = Figure(figsize=(10, 4.8), layout="constrained")
-    panels = figure.subplots(1, 2, sharey=True)
-    drew = False
-    for axes, row in zip(panels, ("best", "final")):
-        # Columns in summary order, kept if any method recorded them (autoattack may be off everywhere).
-        columns = [metric.split(".", 1)[1] for metric in summary["metrics"] if metric.startswith(f"{row}.")
-                   and any(metric in group["metrics"] for group in summary["groups"].values())]
-        width = 0.8 / max(len(methods), 1)
-        for index, method in enumerate(methods):
-            for position, column in enumerate(columns):
-                stat = summary["groups"][method]["metrics"].get(f"{row}.{column}")
-                if stat is None:
-                    continue
-                x = position - 0.4 + width * (index + 0.5)
-                # n=1: no CI, so a bare point (yerr=None) instead of a misleading zero-length bar.
-                yerr = None if stat["ci95_t"] is None else [[stat["mean"] - stat["ci95_t"][0]],
-                                                           [stat["ci95_t"][1] - stat["mean"]]]
-                axes.errorbar([x], [stat["mean"]], yerr=yerr, fmt="o", color=_color(index), capsize=4, label=method)
-                drew = True
-        axes.set_xticks(range(len(columns)), [_column_label(column, evaluation) for column in columns])
-        axes.set_title(f"{row} row (mean, 95% t CI over seeds)", fontsize="medium")
-        axes.grid(axis="y", alpha=0.3)
-    if not drew:
+    recorded = [metric for metric in summary["metrics"]
+                if any(metric in group["metrics"] for group in summary["groups"].values())]
+    columns_of = {(row, kind): [metric.split(".", 1)[1] for metric in recorded if metric.split(".", 1)[0] == row
+                                and _column_kind(metric.split(".", 1)[1]) == kind]
+                  for row in FINAL_ROWS for kind, _ in FINAL_KINDS}
+    rows = [row for row in FINAL_ROWS if any(columns_of[(row, kind)] for kind, _ in FINAL_KINDS)]
+    kinds = [(kind, label) for kind, label in FINAL_KINDS if any(columns_of[(row, kind)] for row in rows)]
+    if not rows:
         return None
-    panels[0].set_ylabel("accuracy (%)")
+    figure = Figure(figsize=(5 * len(rows), 1.2 + 3.6 * len(kinds)), layout="constrained")
+    panels = figure.subplots(len(kinds), len(rows), sharey="row", squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for (kind, ylabel), panel_row in zip(kinds, panels):
+        for row, axes in zip(rows, panel_row):
+            columns = columns_of[(row, kind)]
+            for index, method in enumerate(methods):
+                for position, column in enumerate(columns):
+                    stat = summary["groups"][method]["metrics"].get(f"{row}.{column}")
+                    if stat is None:
+                        continue
+                    x = position - 0.4 + width * (index + 0.5)
+                    # n=1: no CI, so a bare point (yerr=None) instead of a misleading zero-length bar.
+                    yerr = None if stat.get("ci95_t") is None else [[stat["mean"] - stat["ci95_t"][0]],
+                                                                   [stat["ci95_t"][1] - stat["mean"]]]
+                    axes.errorbar([x], [stat["mean"]], yerr=yerr, fmt="o", color=_color(index), capsize=4,
+                                  label=method)
+            axes.set_xticks(range(len(columns)), [_column_label(column, evaluation) for column in columns])
+            if kind == kinds[0][0]:
+                axes.set_title(f"{row} row (mean, 95% t CI over seeds)", fontsize="medium")
+            axes.grid(axis="y", alpha=0.3)
+        panel_row[0].set_ylabel(ylabel)
     text = evaluation.get("text")
     figure.suptitle(f"{_title_prefix(_setting(summary))}final table" + (f": {text}" if isinstance(text, str) else ""))
-    # Every point carries its method's label; keep one legend entry per method, from either panel.
+    # Every point carries its method's label; keep one legend entry per method, from any panel.
     legend_entries = {}
-    for axes in panels:
+    for axes in panels.flat:
         for handle, label in zip(*axes.get_legend_handles_labels()):
             legend_entries.setdefault(label, handle)
     figure.legend(legend_entries.values(), legend_entries.keys(), loc="outside right upper", fontsize="small")

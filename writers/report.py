@@ -135,6 +135,7 @@ def _setting_lines(summary):
     lines = ["## Setting", "",
              f"- dataset {_shown(setting['dataset'])}, arch {_shown(setting['arch'])}, "
              f"{_shown(setting['epochs'])} epochs",
+             f"- training data: {setting.get('training_data') or 'n/a'}",
              f"- training attack: {setting['train_attack']['text']}",
              f"- evaluation (final table): {setting['eval']['text']}",
              f"- engine {_shown(setting['engine'])}, precision {_shown(setting['precision'])}",
@@ -185,7 +186,7 @@ def _per_example_lines(summary):
               "shared by all runs: every run saw the same images), 10000 resamples, fixed seed. Variance of the mean "
               "difference: from the seeds (var of the per-seed differences / S) and from the test sample "
               "(var over images of the seed-averaged per-image difference / n); 'seeds' is the seeds' fraction.", ""]
-    rows, notes = [], []
+    rows, notes, flagged = [], [], False
     for method, by_row in results.items():
         for row, result in by_row.items():
             if result.get("note"):
@@ -197,12 +198,19 @@ def _per_example_lines(summary):
                                      for seed, m in mcnemar.items()) if mcnemar else stat["mcnemar_note"]
                 boot, var = stat["bootstrap"], stat["variance"]
                 fraction = "n/a" if var["seed_fraction"] is None else f"{100 * var['seed_fraction']:.0f}%"
+                few = boot.get("few_seeds", False)
+                flagged = flagged or few
                 rows.append((method, f"{row}.{column}", stat["n_images"], _number(boot["diff"]),
-                             _interval(boot["ci95"]), per_seed, _number(var["seed_var_of_mean"], 3),
+                             _interval(boot["ci95"]) + (" †" if few else ""), per_seed,
+                             _number(var["seed_var_of_mean"], 3),
                              _number(var["image_var_of_mean"], 3), fraction))
     if rows:
         lines += _table(("method", "metric", "images", "diff", "95% CI (2-level bootstrap)", "McNemar b/c per seed",
                          "var from seeds", "var from test sample", "seeds"), rows)
+    if flagged:
+        lines += ["", "† fewer than 5 seeds in an arm: the seed level of this bootstrap has few distinct resamples, "
+                      "so the CI understates the seed-to-seed spread (the t CIs of the differences above do not); "
+                      "the McNemar tests speak for these seeds' models only, not for the method."]
     return lines + ([""] + notes if notes else [])
 
 
