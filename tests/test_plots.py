@@ -187,7 +187,8 @@ def test_final_metrics_put_calibration_on_its_own_axes_and_show_the_ema_rows():
     summary["metrics"] += extra
     for group in summary["groups"].values():
         for metric in extra:
-            group["metrics"][metric] = {"mean": 2.0 if "nll" in metric else 7.0, "ci95_t": None}
+            value = 2.0 if "nll" in metric else 7.0 if "ece" in metric else 45.0
+            group["metrics"][metric] = {"mean": value, "ci95_t": None}
     figure = plots.build_figures(CURVES, summary)["final_metrics.png"]
     grid = figure.axes[0].get_subplotspec().get_gridspec()
     assert (grid.nrows, grid.ncols) == (3, 4)  # accuracy / ECE / NLL  x  best / final / ema_best / ema_final
@@ -203,7 +204,8 @@ def test_final_metrics_put_calibration_on_its_own_axes_and_show_the_ema_rows():
     assert ticks(panel(1, 0)) == ["ece_clean"] and ticks(panel(2, 0)) == ["nll_clean"] and ticks(panel(2, 1)) == []
     assert [panel(k, 0).get_ylabel() for k in range(3)] == ["accuracy (%)", "ECE (%, 15 bins)", "NLL (nats)"]
     assert "ema_final row" in panel(0, 3).get_title()
-    # No accuracy panel holds a calibration point: every plotted y there is an accuracy (50 + index).
-    for col in range(4):
-        ys = [y for line in panel(0, col).get_lines() for y in line.get_ydata()]
-        assert all(y != 2.0 for y in ys)
+    # No accuracy panel holds a calibration point, and the ECE and NLL panels hold only theirs.
+    def ys(axes):
+        return {float(y) for line in axes.get_lines() for y in line.get_ydata()}
+    assert all(not ys(panel(0, col)) & {2.0, 7.0} for col in range(4)) and 45.0 in ys(panel(0, 3))
+    assert ys(panel(1, 0)) == {7.0} and ys(panel(2, 0)) == {2.0}

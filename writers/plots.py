@@ -243,7 +243,6 @@ def _column_label(column, evaluation):
 # Final-table columns by unit: accuracies share an axis; ECE (percent, but 0 is best) and NLL (nats, unbounded)
 # would be misread on it, so each has its own panel row.
 FINAL_KINDS = (("accuracy", "accuracy (%)"), ("ece", "ECE (%, 15 bins)"), ("nll", "NLL (nats)"))
-FINAL_ROWS = ("best", "final", "ema_best", "ema_final")
 
 
 def _column_kind(column):
@@ -255,15 +254,16 @@ def final_metrics_figure(summary):
     (best, final, and the weight-EMA rows where recorded), one panel row per unit (accuracy, ECE, NLL)."""
     methods = list(summary["groups"])
     evaluation = _dict(_setting(summary).get("eval"))
-    recorded = [metric for metric in summary["metrics"]
-                if any(metric in group["metrics"] for group in summary["groups"].values())]
-    columns_of = {(row, kind): [metric.split(".", 1)[1] for metric in recorded if metric.split(".", 1)[0] == row
-                                and _column_kind(metric.split(".", 1)[1]) == kind]
-                  for row in FINAL_ROWS for kind, _ in FINAL_KINDS}
-    rows = [row for row in FINAL_ROWS if any(columns_of[(row, kind)] for kind, _ in FINAL_KINDS)]
-    kinds = [(kind, label) for kind, label in FINAL_KINDS if any(columns_of[(row, kind)] for row in rows)]
+    # "row.column" metrics that some group recorded, in summary order (compare orders the rows best, final,
+    # ema_best, ema_final); the gap metrics have no row and are not final-table columns.
+    recorded = [metric.split(".", 1) for metric in summary["metrics"] if "." in metric
+                and any(metric in group["metrics"] for group in summary["groups"].values())]
+    rows = list(dict.fromkeys(row for row, _ in recorded))
     if not rows:
         return None
+    columns_of = {(row, kind): [column for r, column in recorded if r == row and _column_kind(column) == kind]
+                  for row in rows for kind, _ in FINAL_KINDS}
+    kinds = [(kind, label) for kind, label in FINAL_KINDS if any(columns_of[(row, kind)] for row in rows)]
     figure = Figure(figsize=(5 * len(rows), 1.2 + 3.6 * len(kinds)), layout="constrained")
     panels = figure.subplots(len(kinds), len(rows), sharey="row", squeeze=False)
     width = 0.8 / max(len(methods), 1)
